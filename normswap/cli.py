@@ -1,0 +1,71 @@
+"""The `normswap` command line: a thin Typer layer over the library API.
+
+Each verb lives in `normswap/commands/<verb>.py` and registers itself on `app`; results go to stdout
+(human tables or `--format json`), logs and progress to stderr, and a user mistake exits non-zero
+with one line (see `normswap.errors.NormswapError`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from normswap import __version__
+from normswap.commands import convert as _convert
+from normswap.commands import eval as _eval
+from normswap.commands import finetune as _finetune
+from normswap.commands import inspect as _inspect
+from normswap.errors import NormswapError
+from normswap.log import setup_logging
+
+app = typer.Typer(
+    name="normswap",
+    help="Normalisation surgery on pretrained transformers: LayerNorm -> RMSNorm or DyT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"normswap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log output on stderr."),
+) -> None:
+    setup_logging(verbose)
+
+
+for _module in (_inspect, _convert, _eval, _finetune):
+    _module.register(app)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning user errors into one line on stderr."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except NormswapError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

@@ -1,0 +1,91 @@
+"""The replacement norm layers, written as plain tensor code.
+
+Both layers can drop their affine parameters (after folding them into the linears that read the
+norm) and can re-centre their output (needed where a norm's output starts the residual stream of a
+Pre-LN model, e.g. BLOOM's embedding norm, so that every later norm still sees a zero-mean input).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps) + b, with optional w and b.
+
+    On a zero-mean input this equals LayerNorm with the same eps, which is what makes the Pre-LN
+    conversion exact. The statistic is taken in float32 whatever the input dtype, as LayerNorm does.
+    """
+
+    def __init__(self, dim: int, eps: float, weight: bool = True, bias: bool = False, recenter: bool = False):
+        super().__init__()
+        self.dim, self.eps, self.recenter = dim, float(eps), recenter
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        if self.recenter:
+            y = y - y.mean(-1, keepdim=True)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.dim}, eps={self.eps}, weight={self.weight is not None}, "
+                f"bias={self.bias is not None}, recenter={self.recenter}")
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh: y = w * tanh(alpha * x) + b, alpha a learnable scalar; w and b optional.
+
+    No reduction over the hidden dimension at all: each element is transformed on its own.
+    """
+
+    def __init__(self, dim: int, alpha: float = 0.5, weight: bool = True, bias: bool = True, recenter: bool = False):
+        super().__init__()
+        self.dim, self.recenter = dim, recenter
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.alpha.to(x.dtype) * x)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        if self.recenter:
+            y = y - y.mean(-1, keepdim=True)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.dim}, alpha={float(self.alpha):.4g}, weight={self.weight is not None}, "
+                f"bias={self.bias is not None}, recenter={self.recenter}")
+
+
+class CenteredEmbedding(nn.Embedding):
+    """An embedding whose lookups are mean-subtracted over the hidden dimension.
+
+    Used for a token embedding tied to the LM head: centring the shared table itself would change
+    the logits, so the centring happens on the way into the residual stream instead. The parameter
+    is still called `weight`, so the tie and the checkpoint keys are unchanged.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Embedding's name
+        e = super().forward(input)
+        return e - e.mean(-1, keepdim=True)
+
+
+def new_norm(spec: dict) -> nn.Module:
+    """Build an empty replacement norm from its saved description (see `normswap.record`)."""
+    if spec["type"] == "rmsnorm":
+        return RMSNorm(spec["dim"], spec["eps"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
+    if spec["type"] == "dyt":
+        return DyT(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
+    if spec["type"] == "identity":
+        return nn.Identity()
+    raise ValueError(f"unknown norm type {spec['type']!r}")

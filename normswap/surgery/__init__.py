@@ -1,0 +1,1 @@
+"""Weight surgery: centring residual writers, folding affines, swapping norm modules."""
