@@ -1,0 +1,50 @@
+"""Per-architecture knowledge, keyed by `config.model_type`.
+
+The built-in tables live in `decoders.py`, `encoders.py` and `rmsnorm_models.py`. Users add a
+family with `register_family(Family(...))`, or from another package through the entry point group
+"normswap.families" (each entry point resolves to a `Family`).
+"""
+from __future__ import annotations
+
+from normswap.archs import decoders, encoders, rmsnorm_models
+from normswap.archs.spec import Family, NormSpec
+
+_REGISTRY: dict[str, Family] = {}
+_entry_points_loaded = False
+
+
+def register_family(family: Family, *, overwrite: bool = False) -> None:
+    """Make `family` known for its `model_type` (replacing a built-in one only with `overwrite`)."""
+    if family.model_type in _REGISTRY and not overwrite:
+        raise ValueError(f"family {family.model_type!r} is already registered (pass overwrite=True)")
+    _REGISTRY[family.model_type] = family
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="normswap.families"):
+        family = ep.load()
+        register_family(family, overwrite=True)
+
+
+def get_family(model_type: str) -> Family | None:
+    """The table for a model type, or None for an unknown architecture."""
+    _load_entry_points()
+    return _REGISTRY.get(model_type)
+
+
+def families() -> list[Family]:
+    """Every known family, built-in and registered."""
+    _load_entry_points()
+    return list(_REGISTRY.values())
+
+
+for _family in (*decoders.FAMILIES, *encoders.FAMILIES, *rmsnorm_models.FAMILIES):
+    register_family(_family)
+
+__all__ = ["Family", "NormSpec", "families", "get_family", "register_family"]

@@ -1,0 +1,64 @@
+"""The shape of per-architecture knowledge: which norms a family has, who reads them, who writes
+the residual stream.
+
+Paths are relative, so one table serves every head class of a family (GPT2Model, GPT2LMHeadModel,
+GPT2ForSequenceClassification...):
+- block-level names are relative to one transformer block (`Family.blocks` lists the blocks);
+- model-level names are relative to the base model (`model.base_model`);
+- head-level names are relative to the root model.
+Reader names use a small prefix notation, resolved in `normswap.archs.plan`:
+    "attn.c_attn"   same scope as the norm (its block, or the base model)
+    ">attention.q"  the next block (a Post-LN norm's output feeds the next block)
+    "^pooler.dense" relative to the base model (for a block norm: the last block's only)
+    "/classifier"   relative to the root model
+    "@head"         the model's output embeddings (LM head), if it has one
+A trailing "?" marks a name that some configurations lack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Literal
+
+Placement = Literal["pre", "post", "final", "embed", "head"]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One norm in the family table."""
+
+    name: str
+    placement: Placement
+    readers: tuple[str, ...] = ()
+    # False where the norm's output is itself visible (e.g. ViT's final norm is last_hidden_state),
+    # so its affine cannot move into the readers without changing the model's output.
+    foldable: bool = True
+
+    def but_placement(self, placement: Placement) -> "NormSpec":
+        return replace(self, placement=placement)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything normswap knows about one `config.model_type`."""
+
+    model_type: str
+    style: Literal["pre", "post"]  # Pre-LN: norms read the residual stream; Post-LN: norms are the stream
+    blocks: str  # ModuleList of transformer blocks, relative to the base model
+    block_norms: tuple[NormSpec, ...]
+    block_writers: tuple[str, ...]  # sublayer output projections that add into the stream
+    embed_writers: tuple[str, ...]  # embeddings (modules or parameters) that start the stream
+    model_norms: tuple[NormSpec, ...] = ()  # embed / final norms on the base model
+    head_norms: tuple[NormSpec, ...] = ()  # norms inside task heads (relative to the root)
+    norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
+    notes: str = ""
+    # Families whose layout depends on config flags (OPT's do_layer_norm_before, Falcon's
+    # parallel_attn) give a function that returns the right variant for a config.
+    variant: Callable[[Any], "Family"] | None = field(default=None, compare=False, repr=False)
+
+    def for_config(self, config: Any) -> "Family":
+        """The table for this particular config (resolving flag-dependent variants)."""
+        return self.variant(config) if self.variant is not None else self
+
+    def but(self, **changes: Any) -> "Family":
+        """A copy with some fields changed (used to declare variants and related families)."""
+        return replace(self, **changes)
