@@ -1,8 +1,81 @@
-"""`normswap finetune` (not yet implemented)."""
+"""`normswap finetune`: recovery fine-tuning of a converted model (LM loss or distillation).
+
+    normswap finetune gpt2-dyt --teacher gpt2 --data corpus.txt --tokens 2M --out gpt2-dyt-ft
+    accelerate launch -m normswap finetune gpt2-dyt --teacher gpt2 --data corpus.txt --tokens 200M --out gpt2-dyt-ft
+
+Progress goes to stderr; the result (a table, or JSON with --format json) to stdout. Ctrl-C saves a
+checkpoint and exits with code 130; `--resume` continues it. A NaN/inf loss exits with code 3.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("finetune", help="Recover quality after conversion: LM loss or distillation from the original model.")(finetune_cmd)
+
+
+def finetune_cmd(
+    student: str = typer.Argument(..., help="Converted model folder (from `normswap convert`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: final model, checkpoints, train_log.jsonl, loss_curve.png."),
+    data: str = typer.Option(..., "--data", help="Text file, folder of text files, or a `datasets` name (online only)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The original model (needed for distill and --progressive)."),
+    objective: str = typer.Option("lm", "--objective", help="lm, distill, or a mix such as lm=0.3,distill=0.7."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Token budget, e.g. 2M (or give --steps)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (or give --tokens)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per micro-batch per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="Tokens per example [default: min(256, model max)]."),
+    packing: Optional[str] = typer.Option(None, "--packing", help="blocks (pack text into full blocks) or lines (one example per line) [default: lines for bare encoders, else blocks]."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW)."),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Cosine decay ends at lr * this."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Warmup: a fraction of the steps (<1) or a step count."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0: off)."),
+    train: str = typer.Option("all", "--train", help="Which parameters train: all, norms, norms+readers."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature."),
+    hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help="Weight of per-layer hidden-state MSE in distill [default: 1 for bare encoders, else 0]."),
+    pooled_weight: float = typer.Option(1.0, "--pooled-weight", help="Weight of pooled-embedding MSE (bare encoders)."),
+    progressive: bool = typer.Option(False, "--progressive", help="Swap the new norms in one at a time during training."),
+    swap_every: Optional[int] = typer.Option(None, "--swap-every", help="Steps between swaps in --progressive [default: spread over the first half]."),
+    fade_steps: int = typer.Option(0, "--fade-steps", help="Fade each swap in over this many steps (0: swap at once)."),
+    val_examples: int = typer.Option(16, "--val-examples", help="Held-out examples for validation loss."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation every N steps [default: 10 per run]."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps [default: 5 per run]."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="How many recent checkpoints to keep."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data split, order and masks."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16."),
+    dropout: Optional[float] = typer.Option(0.0, "--dropout", help="Dropout during training (negative: keep the model's own)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    from normswap.training import TrainConfig, finetune, parse_count
+
+    cfg = TrainConfig(
+        objective=objective, temperature=temperature, hidden_weight=hidden_weight, pooled_weight=pooled_weight,
+        steps=steps, tokens=parse_count(tokens), batch_size=batch_size, grad_accum=grad_accum, block_size=block_size,
+        packing=packing, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip,
+        train=train, progressive=progressive, swap_every=swap_every, fade_steps=fade_steps, val_examples=val_examples,
+        eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed,
+        precision=precision, dropout=None if dropout is not None and dropout < 0 else dropout,
+    )
+    result = finetune(student, teacher=teacher, data=data, out=out, config=cfg, overwrite=overwrite, resume=resume)
+    if fmt == OutputFormat.json:
+        emit_json(result.to_dict())
+    else:
+        rows = [["status", result.status], ["out", result.out], ["steps", f"{result.step}/{result.total_steps}"],
+                ["tokens", result.tokens], ["tokens/s", round(result.tokens_per_second, 1)],
+                ["last train loss", result.last_loss]]
+        rows += [[k.replace("_", " "), v] for k, v in result.val.items()]
+        if result.checkpoint:
+            rows.append(["checkpoint", result.checkpoint])
+        typer.echo(table(rows, ["finetune", "value"]))
+    if result.status == "interrupted":
+        typer.echo(f"interrupted at step {result.step} of {result.total_steps}; continue with --resume", err=True)
+        raise typer.Exit(130)

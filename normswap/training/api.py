@@ -1,0 +1,311 @@
+"""`finetune(...)`: recovery fine-tuning of a converted model, from paths to a saved, loadable result.
+
+This module wires the pieces together and checks the user's input up front (each mistake is one
+NormswapError line): output folder, budget, vocabularies, data. The loop itself is in `loop.py`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.log import logger
+from normswap.training.config import TrainConfig
+from normswap.training.data import TrainData, build_data
+from normswap.training.loop import LoopResult, train_loop
+from normswap.training.objectives import Objective, model_kind, parse_objective
+from normswap.training.params import select_trainable
+from normswap.training.progressive import Schedule, default_every, unwrap_sites, wrap_sites
+from normswap.training.report import PLOT_NAME, TrainLog, plot_losses
+
+CONFIG_FILE = "finetune_config.json"
+RESULT_FILE = "finetune_result.json"
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did: where it wrote, how far it got, and its losses."""
+
+    out: str
+    status: str  # "completed" | "interrupted"
+    step: int
+    total_steps: int
+    tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    last_loss: float | None
+    val: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    objective: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finetune(
+    student: str | os.PathLike,
+    *,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    teacher: str | os.PathLike | None = None,
+    config: TrainConfig | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tune the converted model at `student` on `data` and save it to `out` in normswap's format.
+
+    `config` (or keyword overrides of its fields, e.g. `steps=100, objective="distill"`) sets the run.
+    With `resume`, training continues from the newest checkpoint in `out` with the saved settings'
+    data order, optimizer, scheduler and RNG, so the result matches an uninterrupted run.
+    Returns a FinetuneResult; an interrupted run (Ctrl-C) returns status "interrupted" after
+    saving a checkpoint. Raises NormswapError on bad input and TrainingDiverged on NaN/inf loss.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from normswap.loading import is_converted, load_pretrained, load_tokenizer, read_record
+
+    cfg = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
+    unknown = set(overrides) - set(cfg.to_dict())
+    if unknown:
+        raise TypeError(f"unknown finetune settings: {sorted(unknown)}")
+    cfg.check()
+    weights = parse_objective(cfg.objective)
+    out = Path(out)
+    student, data = str(student), str(data)
+    teacher = str(teacher) if teacher is not None else None
+    _check_out(out, overwrite=overwrite, resume=resume)
+    if resume:
+        _check_resume_config(out, cfg, student=student, teacher=teacher, data=data)
+    if (weights.get("distill", 0) > 0 or cfg.progressive) and teacher is None:
+        raise NormswapError("--teacher is needed for " + ("the distill objective" if weights.get("distill", 0) > 0 else "--progressive"))
+
+    model = load_pretrained(student)
+    record = read_record(student)[0] if is_converted(student) else None
+    if cfg.progressive and record is None:
+        raise NormswapError(f"--progressive needs a converted student; {student} is a plain checkpoint")
+    tokenizer = load_tokenizer(student)
+    if tokenizer is None:
+        raise NormswapError(f"student {student} has no tokenizer files")
+    kind = model_kind(model)
+    teacher_model = None
+    if teacher is not None:
+        teacher_model = load_pretrained(teacher)
+        check_vocabularies(student, model, tokenizer, teacher, teacher_model, load_tokenizer(teacher))
+        if weights.get("distill", 0) > 0 and kind != "encoder" and model_kind(teacher_model) == "encoder":
+            raise NormswapError(f"teacher {teacher} has no LM head, so it has no logits to distil into {student}")
+    objective = Objective(
+        weights=weights, kind=kind, temperature=cfg.temperature,
+        hidden_weight=cfg.hidden_weight if cfg.hidden_weight is not None else (1.0 if kind == "encoder" else 0.0),
+        pooled_weight=cfg.pooled_weight, center_hidden=bool(record and record.style == "pre"),
+        mask_token_id=getattr(tokenizer, "mask_token_id", None), special_ids=list(getattr(tokenizer, "all_special_ids", [])),
+        vocab_size=int(getattr(model.config, "vocab_size", 0) or 0),
+    )
+    objective.check()
+
+    max_len = _max_positions(model.config)
+    block_size = cfg.block_size or min(256, max_len or 256)
+    if max_len and block_size > max_len:
+        raise NormswapError(f"--block-size {block_size} is longer than the model's maximum of {max_len} positions")
+    packing = cfg.packing or ("lines" if kind == "encoder" else "blocks")
+    cfg.block_size, cfg.packing = block_size, packing
+
+    mp = _mixed_precision(cfg.precision)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.progressive else []
+    accelerator = Accelerator(mixed_precision=mp, kwargs_handlers=handlers)
+    data_ = build_data(data, tokenizer, block_size=block_size, packing=packing, encoder=kind == "encoder",
+                       seed=cfg.seed, val_examples=cfg.val_examples)
+    total_steps = _total_steps(cfg, data_, accelerator.num_processes)
+    logger.info("%s: %d training examples (%d tokens), %d held out; %d steps of %d x %d x %d examples",
+                data, len(data_.train), data_.train.n_tokens(), len(data_.val), total_steps, cfg.batch_size,
+                cfg.grad_accum, accelerator.num_processes)
+
+    example = data_.train.batch(list(range(min(2, len(data_.train)))))
+    trainable = select_trainable(model, cfg.train, {k: v for k, v in example.items()})
+    logger.info("training %d parameter tensors (%s, %d parameters)", len(trainable), cfg.train,
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
+    progressive = None
+    if cfg.progressive:
+        paths = wrap_sites(model, record, teacher_model, fallback_eps=_config_eps(model.config))
+        schedule = Schedule(every=cfg.swap_every or default_every(total_steps, len(paths)), fade=cfg.fade_steps)
+        progressive = (paths, schedule)
+        logger.info("progressive: %d sites, one every %d steps%s", len(paths), schedule.every,
+                    f", fading over {schedule.fade} steps" if schedule.fade else "")
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / CONFIG_FILE).write_text(json.dumps({
+                "student": student, "teacher": teacher, "data": data, "total_steps": total_steps,
+                "config": cfg.to_dict(), **provenance()}, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+
+    try:
+        result = train_loop(model=model, teacher=teacher_model, objective=objective, data=data_, cfg=cfg,
+                            total_steps=total_steps, out=out, accelerator=accelerator, resume=resume,
+                            progressive=progressive, on_step=on_step)
+    finally:
+        if accelerator.is_main_process:
+            plot_losses(TrainLog(out).read(), out / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(data).name}")
+    final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), **asdict(result))
+    if result.status == "completed":
+        trained = accelerator.unwrap_model(model)
+        if progressive is not None:
+            unwrap_sites(trained, progressive[0])
+        if accelerator.is_main_process:
+            save_final(trained, out, record, tokenizer, student=student, teacher=teacher, data=data, result=final)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (out / RESULT_FILE).write_text(json.dumps({**final.to_dict(), **provenance()}, indent=2, default=str) + "\n")
+    return final
+
+
+def objective_label(weights: dict[str, float]) -> str:
+    return "+".join(k if len(weights) == 1 else f"{v:g}*{k}" for k, v in weights.items())
+
+
+def check_vocabularies(student: str, s_model: nn.Module, s_tok: Any, teacher: str, t_model: nn.Module, t_tok: Any) -> None:
+    """Teacher and student must share one vocabulary: same size, and the same tokens where both have tokenizers."""
+    sv, tv = getattr(s_model.config, "vocab_size", None), getattr(t_model.config, "vocab_size", None)
+    if sv is not None and tv is not None and sv != tv:
+        raise NormswapError(f"teacher and student have different vocabularies: {teacher} has {tv} tokens, {student} has {sv}")
+    if s_tok is not None and t_tok is not None and s_tok.get_vocab() != t_tok.get_vocab():
+        raise NormswapError(f"teacher and student have different vocabularies: the tokenizers of {teacher} and {student} differ")
+
+
+def _check_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise NormswapError("give --overwrite or --resume, not both")
+    if resume:
+        if not out.is_dir():
+            raise NormswapError(f"nothing to resume: {out} does not exist")
+        from normswap.training.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(out) is None:
+            raise NormswapError(f"nothing to resume in {out}: no checkpoint")
+        return
+    if out.exists():
+        if not overwrite:
+            raise NormswapError(f"output folder {out} exists (use --overwrite to replace it or --resume to continue)")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+
+
+def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: str | None, data: str) -> None:
+    """A resumed run must see the same data order and schedule as the interrupted one."""
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise NormswapError(f"cannot resume {out}: {CONFIG_FILE} is missing or unreadable") from None
+    old = TrainConfig.from_dict(saved.get("config", {}))
+    diffs = [k for k in TrainConfig.RESUME_KEYS if k not in ("steps", "block_size", "packing")
+             and getattr(cfg, k) != getattr(old, k)]
+    if cfg.tokens is None and old.tokens is None and cfg.steps != old.steps:
+        diffs.append("steps")
+    if cfg.tokens != old.tokens:
+        diffs.append("tokens")
+    for k in ("block_size", "packing"):
+        if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(old, k):
+            diffs.append(k)
+    for name, now in (("student", student), ("teacher", teacher), ("data", data)):
+        if saved.get(name) != now:
+            diffs.append(name)
+    if diffs:
+        raise NormswapError(f"cannot resume {out}: settings differ from the interrupted run ({', '.join(diffs)})")
+
+
+def _max_positions(config: Any) -> int | None:
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _config_eps(config: Any) -> float:
+    for attr in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"):
+        v = getattr(config, attr, None)
+        if v is not None:
+            return float(v)
+    return 1e-5
+
+
+def _mixed_precision(precision: str) -> str:
+    """fp32 on CPU; on GPU bf16 where supported, else fp16 (for precision="auto")."""
+    if precision == "fp32":
+        return "no"
+    if precision in ("bf16", "fp16"):
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _total_steps(cfg: TrainConfig, data: TrainData, nproc: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    per_step = cfg.batch_size * cfg.grad_accum * nproc * data.mean_tokens()
+    if cfg.tokens < per_step:
+        raise NormswapError(f"--tokens {cfg.tokens} is smaller than one batch ({cfg.batch_size} x {cfg.grad_accum} x "
+                            f"{nproc} examples of ~{data.mean_tokens():.0f} tokens = {per_step:.0f} tokens)")
+    return max(1, math.ceil(cfg.tokens / per_step))
+
+
+def provenance() -> dict[str, Any]:
+    """Versions, git hash and date, for results files."""
+    import transformers
+
+    import normswap
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"versions": {"normswap": normswap.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "git": git, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def save_final(model: nn.Module, out: Path, record: Any, tokenizer: Any, *, student: str, teacher: str | None,
+               data: str, result: FinetuneResult) -> None:
+    """Write the fine-tuned model into `out` beside the logs and checkpoints.
+
+    The model is first written complete into a hidden folder (with normswap.save for converted
+    students, so `normswap.load(out)` rebuilds it strictly), then its files are moved into `out`
+    one by one with config.json last: `out` only looks like a model once every file is in place.
+    """
+    from normswap.loading import CONFIG_NAME, save
+
+    tmp = out / ".final-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval()
+    if record is not None:
+        note = {"from": student, "teacher": teacher, "data": data, "objective": result.objective,
+                "steps": result.step, "tokens": result.tokens, "val": result.val}
+        record.source = {**(record.source or {}), "finetune": note}
+        save(model, tmp, record, tokenizer=tokenizer, copy_from=student, overwrite=True)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    files = sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME)
+    for f in files:
+        dst = out / f.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(f, dst)
+    tmp.rmdir()

@@ -1,0 +1,84 @@
+"""Settings of a fine-tuning run, and parsing of human counts like "2M" tokens."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from normswap.errors import NormswapError
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(text: str | int | None) -> int | None:
+    """"2M" -> 2_000_000, "1.5k" -> 1500, "200000" -> 200000; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgKMBG]?)\s*", str(text))
+    if not m:
+        raise NormswapError(f"cannot read the count {text!r} (use e.g. 200000, 500k, 2M)")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()]))
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Fields that decide the data order and the schedule must match on --resume."""
+
+    objective: str = "lm"
+    temperature: float = 2.0
+    hidden_weight: float | None = None  # None: 1 for bare encoders, 0 otherwise
+    pooled_weight: float = 1.0
+    steps: int | None = None
+    tokens: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    block_size: int | None = None  # None: min(256, the model's maximum length)
+    packing: str | None = None  # None: "lines" for bare encoders, "blocks" otherwise
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.05  # < 1: fraction of the steps; >= 1: a step count
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    train: str = "all"
+    progressive: bool = False
+    swap_every: int | None = None
+    fade_steps: int = 0
+    val_examples: int = 16
+    eval_every: int | None = None  # None: about 10 evaluations per run
+    save_every: int | None = None  # None: about 5 checkpoints per run
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    dropout: float | None = 0.0  # None keeps the model's dropout; 0 matches the teacher exactly
+
+    # fields that change which examples a step sees, or the schedule: checked on --resume
+    RESUME_KEYS = ("objective", "steps", "batch_size", "grad_accum", "block_size", "packing", "seed",
+                   "lr", "min_lr_ratio", "warmup", "train", "progressive", "swap_every", "fade_steps")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check(self) -> None:
+        if self.steps is not None and self.tokens is not None:
+            raise NormswapError("give --steps or --tokens, not both")
+        if self.steps is None and self.tokens is None:
+            raise NormswapError("give a budget: --steps N or --tokens N (e.g. 2M)")
+        if self.steps is not None and self.steps < 1:
+            raise NormswapError("--steps must be at least 1")
+        if self.tokens is not None and self.tokens < 1:
+            raise NormswapError("--tokens must be positive")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise NormswapError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise NormswapError("--lr must be > 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise NormswapError(f"unknown --precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
+        if self.block_size is not None and self.block_size < 2:
+            raise NormswapError("--block-size must be at least 2")

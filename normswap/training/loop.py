@@ -1,0 +1,291 @@
+"""The Accelerate training loop: accumulation, clipping, AdamW with warmup and cosine decay,
+validation, atomic checkpoints, exact resume, a guard against non-finite loss, clean Ctrl-C.
+
+It runs unchanged under `accelerate launch`: each process takes its own slice of every global
+batch (the slice is a pure function of step, micro-step and rank), gradients are synchronised by
+the prepared model, and only the main process writes files.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.log import logger
+from normswap.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from normswap.training.config import TrainConfig
+from normswap.training.data import Examples, TrainData
+from normswap.training.objectives import Objective
+from normswap.training.params import param_groups
+from normswap.training.progressive import Schedule, apply_schedule
+from normswap.training.report import TrainLog
+
+
+class TrainingDiverged(NormswapError):
+    """The loss (or gradient norm) became NaN or infinite; training stopped without saving it."""
+
+    exit_code = 3
+
+
+@dataclass
+class LoopResult:
+    status: str  # "completed" | "interrupted"
+    step: int
+    total_steps: int
+    tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    last_loss: float | None
+    val: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at the last step."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    return int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * total_steps))
+
+
+class _StopFlag:
+    """Set by SIGINT: the loop finishes the current step, saves and returns."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+
+@contextmanager
+def _sigint_to_flag(flag: _StopFlag) -> Iterator[None]:
+    """First Ctrl-C sets the flag (and restores the old handler, so a second one aborts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.set = True
+        signal.signal(signal.SIGINT, previous)
+        print("\nnormswap: Ctrl-C: finishing this step, saving a checkpoint (press again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, previous)
+
+
+def set_dropout(model: nn.Module, p: float | None) -> None:
+    """Set every dropout probability to `p` (None keeps the model's own)."""
+    if p is None:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 0x9E3779B9
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 0x7F4A7C15) % (2**61 - 1)
+    return h
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, teacher: nn.Module | None, objective: Objective, examples: Examples,
+             batch_size: int, accelerator: Any, seed: int) -> dict[str, float]:
+    """Mean objective loss (and LM loss where the model has one) over the held-out examples."""
+    if len(examples) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    weight = 0.0
+    try:
+        for start in range(0, len(examples), batch_size):
+            idx = list(range(start, min(len(examples), start + batch_size)))
+            batch = _to(objective.prepare(examples.batch(idx), seed=_mix_seed(seed, 7, start)), accelerator.device)
+            with accelerator.autocast():
+                loss, parts = objective.loss(model, teacher, batch, with_lm=True)
+            n = float(batch["attention_mask"].sum())
+            totals["val_loss"] = totals.get("val_loss", 0.0) + float(loss) * n
+            for k, v in parts.items():
+                totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v * n
+            weight += n
+    finally:
+        model.train(was_training)
+    out = {k: v / weight for k, v in totals.items()}
+    if "val_lm" in out:
+        out["val_ppl"] = math.exp(min(out["val_lm"], 50.0))
+    return out
+
+
+def train_loop(
+    *,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    objective: Objective,
+    data: TrainData,
+    cfg: TrainConfig,
+    total_steps: int,
+    out: Path,
+    accelerator: Any,
+    resume: bool = False,
+    progressive: tuple[list[str], Schedule] | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> LoopResult:
+    """Train `model` for `total_steps` optimizer steps (continuing from the newest checkpoint if `resume`)."""
+    from tqdm.auto import tqdm
+
+    set_dropout(model, cfg.dropout)
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+        teacher.to(accelerator.device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps(cfg, total_steps), cfg.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    main = accelerator.is_main_process
+    log = TrainLog(out, enabled=main)
+    step, tokens = 0, 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise NormswapError(f"nothing to resume in {out}: no checkpoint")
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, accelerator=accelerator)
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and getattr(accelerator, "scaler", None) is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+        log.truncate_after(step)
+        logger.info("resumed from %s (step %d of %d, %d tokens)", ckpt, step, total_steps, tokens)
+
+    start_step = step
+    eval_every = cfg.eval_every or max(1, total_steps // 10)
+    save_every = cfg.save_every or max(1, total_steps // 5)
+    nproc, rank, bs, accum = accelerator.num_processes, accelerator.process_index, cfg.batch_size, cfg.grad_accum
+    flag = _StopFlag()
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not (main and sys.stderr.isatty()))
+    train_seconds, run_tokens, last_loss, val = 0.0, 0, None, {}
+    last_ckpt: Path | None = latest_checkpoint(out) if resume else None
+    status = "completed"
+
+    def state_dict() -> dict[str, Any]:
+        return {"step": step, "tokens": tokens, "total_steps": total_steps, "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) is not None else None,
+                "config": cfg.to_dict()}
+
+    def checkpoint() -> Path:
+        return save_checkpoint(out, step, model=model, optimizer=optimizer, state=state_dict(),
+                               accelerator=accelerator, keep=cfg.keep_checkpoints)
+
+    with _sigint_to_flag(flag):
+        while step < total_steps:
+            if progressive is not None:
+                apply_schedule(accelerator.unwrap_model(model), progressive[0], progressive[1], step)
+            t0 = time.perf_counter()
+            loss_sum, parts_sum, step_tokens = 0.0, {}, 0
+            for micro in range(accum):
+                pos = ((step * accum + micro) * nproc + rank) * bs
+                batch = data.train.batch(data.indices(pos, bs))
+                batch = _to(objective.prepare(batch, seed=_mix_seed(data.seed, step, micro, rank)), accelerator.device)
+                ctx = accelerator.no_sync(model) if micro < accum - 1 else _null()
+                with ctx:
+                    with accelerator.autocast():
+                        loss, parts = objective.loss(model, teacher, batch)
+                    accelerator.backward(loss / accum)
+                loss_sum += float(loss.detach()) / accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+                step_tokens += int(batch["attention_mask"].sum())
+            loss_t = torch.tensor([loss_sum, float(step_tokens)], device=accelerator.device)
+            if nproc > 1:
+                loss_t = accelerator.reduce(loss_t, "sum")
+                loss_t[0] /= nproc
+            step_loss, step_tokens = float(loss_t[0]), int(loss_t[1])
+            if not math.isfinite(step_loss):
+                _diverged("loss", step_loss, step + 1, last_ckpt, bar)
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.clip)) if cfg.clip > 0 else float("nan")
+            if cfg.clip > 0 and not math.isfinite(grad_norm) and cfg.precision != "fp16" and accelerator.mixed_precision != "fp16":
+                _diverged("gradient norm", grad_norm, step + 1, last_ckpt, bar)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens
+            run_tokens += step_tokens
+            train_seconds += time.perf_counter() - t0
+            last_loss = step_loss
+            tps = run_tokens / max(train_seconds, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
+            info = {"kind": "train", "step": step, "tokens": tokens, "loss": step_loss,
+                    **{f"loss_{k}": v for k, v in parts_sum.items()}, "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": train_seconds}
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.write(info)
+                if main and not sys.stderr.isatty():
+                    eta = (total_steps - step) * train_seconds / max(1, step - start_step)
+                    logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", step, total_steps, step_loss,
+                                info["lr"], tps, eta)
+            if step % eval_every == 0 or step == total_steps:
+                val = evaluate(model, teacher, objective, data.val, bs, accelerator, data.seed)
+                if val:
+                    log.write({"kind": "val", "step": step, "tokens": tokens, **val})
+                    msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    if bar.disable:
+                        logger.info(msg)
+                    else:
+                        bar.write(msg, file=sys.stderr)
+            if on_step is not None:
+                on_step(step, info)
+            stop = flag.set
+            if nproc > 1:
+                stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "sum")[0] > 0)
+            if step % save_every == 0 or (stop and step < total_steps):
+                last_ckpt = checkpoint()
+            if stop and step < total_steps:
+                status = "interrupted"
+                logger.info("interrupted at step %d of %d: checkpoint %s (continue with --resume)", step, total_steps, last_ckpt)
+                break
+    bar.close()
+    return LoopResult(status=status, step=step, total_steps=total_steps, tokens=tokens, train_seconds=train_seconds,
+                      tokens_per_second=run_tokens / max(train_seconds, 1e-9), last_loss=last_loss, val=val,
+                      checkpoint=str(last_ckpt) if last_ckpt else None)
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _diverged(what: str, value: float, step: int, last_ckpt: Path | None, bar: Any) -> None:
+    bar.close()
+    where = f"the last good checkpoint is {last_ckpt} (continue from it with --resume, e.g. with a lower --lr)" if last_ckpt \
+        else "no checkpoint had been written yet (try a lower --lr)"
+    raise TrainingDiverged(f"{what} became {value} at step {step}: training stopped; {where}")
