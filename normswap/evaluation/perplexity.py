@@ -1,0 +1,282 @@
+"""Perplexity of language models on a text: sliding windows for causal LMs, masked-token loss for MLMs.
+
+Causal LMs. The whole text is tokenised once, exactly as read (no line joining or stripping: on
+WikiText-2 this reproduces the stand-in's published 432 figure). Windows of `max_length` input
+tokens start every `stride` tokens; each window predicts the token after each of its inputs and
+only targets that no earlier window scored are counted. Every token but the first is scored exactly
+once, whatever the stride, so with stride == max_length the figure equals a plain loop over
+non-overlapping blocks (x = ids[i:i+L], y = ids[i+1:i+L+1]); a smaller stride gives each scored
+token more context. Perplexity = exp(sum NLL / tokens scored), accumulated in float64.
+
+Masked LMs. The text is cut into chunks of `max_length` tokens (special tokens included), a fixed
+seeded 15% of the content tokens is replaced by the mask token (always the mask token: this is a
+measurement, not BERT's 80/10/10 training corruption), and the loss is the mean cross-entropy of the
+masked tokens; its exp is reported. Pseudo-perplexity (each token masked in turn) is the slower,
+mask-free alternative.
+
+Memory stays bounded on long texts: windows are scored in batches whose logits fit a fixed budget.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.evaluation.progress import progress_bar
+
+LOGITS_BUDGET_BYTES = 512 * 2**20  # cap on one batch's float32 logits
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity measurement and the settings it depends on."""
+
+    kind: str  # "causal" | "masked" | "pseudo"
+    value: float  # perplexity: exp(nll)
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    max_length: int
+    stride: int | None  # causal only
+    windows: int
+    text_tokens: int  # tokens in the (possibly truncated) text
+    nll_median: float = float("nan")
+    nll_p99: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a file, read as-is (universal newlines, UTF-8); errors for missing or empty files."""
+    p = Path(path)
+    if not p.is_file():
+        raise NormswapError(f"text file {path} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NormswapError(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise NormswapError(f"{path} is empty: no text to score")
+    return text
+
+
+def load_text(source: str) -> str:
+    """Text from a file, or (online only) from a `datasets` name written `name[:config[:split]]`."""
+    if Path(source).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return read_text(source)
+    name, config, split = (source.split(":") + [None, None])[:3]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split or "test")
+    except Exception as err:  # no such dataset, no network...
+        raise NormswapError(f"--ppl {source}: not a file, and not a loadable dataset ({str(err).splitlines()[0][:200]})") from None
+    if "text" not in ds.column_names:
+        raise NormswapError(f"dataset {source} has no 'text' column")
+    text = "".join(ds["text"])
+    if not text.strip():
+        raise NormswapError(f"dataset {source} has no text")
+    return text
+
+
+def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of the whole text (no special tokens), truncated to `max_tokens` if given."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise NormswapError("the text has fewer than 2 tokens: nothing to score")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def causal_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (begin, end, first_new) over ids[0:n_tokens].
+
+    A window feeds ids[begin:end] and predicts ids[begin+1:end+1]; the predictions at positions
+    first_new.. (relative to begin) are the targets no earlier window scored.
+    """
+    if not 1 <= stride <= max_length:
+        raise NormswapError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
+    windows, scored_up_to, begin = [], 0, 0  # targets 1..scored_up_to are done
+    while True:
+        end = min(begin + max_length, n_tokens - 1)
+        windows.append((begin, end, scored_up_to - begin))
+        scored_up_to = end
+        if end >= n_tokens - 1:
+            return windows
+        begin += stride
+
+
+def _batch_cap(batch_size: int, length: int, vocab: int) -> int:
+    return max(1, min(batch_size, LOGITS_BUDGET_BYTES // max(1, length * vocab * 4)))
+
+
+def _summary(kind: str, nlls: torch.Tensor, **fields: Any) -> PerplexityResult:
+    nlls = nlls.double()
+    mean = float(nlls.mean())
+    return PerplexityResult(
+        kind=kind, value=math.exp(mean), nll=mean, tokens=int(nlls.numel()),
+        nll_median=float(nlls.median()), nll_p99=float(torch.quantile(nlls, 0.99)) if nlls.numel() else float("nan"),
+        **fields,
+    )
+
+
+@torch.no_grad()
+def causal_perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """Sliding-window perplexity of a causal LM on token ids `ids` (1-D); see the module docstring."""
+    stride = max_length if stride is None else stride
+    device = next(model.parameters()).device
+    n = int(ids.numel())
+    windows = causal_windows(n, max_length, stride)
+    vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else 50_000
+    nlls: list[torch.Tensor] = []
+    bar = progress_bar(len(windows), "perplexity", progress, unit="win")
+    i = 0
+    while i < len(windows):
+        length = windows[i][1] - windows[i][0]
+        cap = _batch_cap(batch_size, length, vocab)
+        group = [windows[i]]
+        while len(group) < cap and i + len(group) < len(windows) and windows[i + len(group)][1] - windows[i + len(group)][0] == length:
+            group.append(windows[i + len(group)])
+        x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+        y = torch.stack([ids[b + 1:e + 1] for b, e, _ in group]).to(device)
+        logits = model(input_ids=x).logits.float()
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
+        for row, (_, _, first_new) in zip(nll, group):
+            nlls.append(row[first_new:].cpu())
+        i += len(group)
+        bar.update(len(group))
+    bar.close()
+    return _summary("causal", torch.cat(nlls), max_length=max_length, stride=stride, windows=len(windows), text_tokens=n)
+
+
+def _mask_token_id(tokenizer: Any) -> int:
+    if getattr(tokenizer, "mask_token_id", None) is None:
+        raise NormswapError("the tokenizer has no mask token, so masked-LM perplexity is undefined")
+    return int(tokenizer.mask_token_id)
+
+
+def _mlm_chunks(tokenizer: Any, ids: torch.Tensor, max_length: int) -> list[tuple[list[int], int, int, int]]:
+    """Per chunk: (input ids with specials, offset of the content in them, content start in `ids`, content length)."""
+    n_special = tokenizer.num_special_tokens_to_add(pair=False)
+    body = max_length - n_special
+    if body < 1:
+        raise NormswapError(f"--max-length {max_length} leaves no room for text after {n_special} special tokens")
+    offset = tokenizer.build_inputs_with_special_tokens([-1]).index(-1)
+    out = []
+    for start in range(0, int(ids.numel()), body):
+        chunk = ids[start:start + body].tolist()
+        out.append((tokenizer.build_inputs_with_special_tokens(chunk), offset, start, len(chunk)))
+    return out
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        x[k, :len(r)] = torch.tensor(r)
+        att[k, :len(r)] = 1
+    return x, att
+
+
+@torch.no_grad()
+def masked_lm_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    *,
+    max_length: int,
+    mask_probability: float = 0.15,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """Masked-token cross-entropy on a fixed seeded mask of the text's tokens; see the module docstring.
+
+    The mask is drawn once over the text's tokens from `seed` alone, so baseline and converted model
+    (and runs with another `max_length`) see the same masked tokens.
+    """
+    if not 0 < mask_probability < 1:
+        raise NormswapError(f"--mlm-probability must be in (0, 1), got {mask_probability}")
+    mask_id = _mask_token_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    masked = torch.rand(int(ids.numel()), generator=gen) < mask_probability
+    if not bool(masked.any()):
+        raise NormswapError("the text is too short: the 15% mask selected no token")
+    chunks = _mlm_chunks(tokenizer, ids, max_length)
+    nlls: list[torch.Tensor] = []
+    bar = progress_bar(len(chunks), "masked-LM loss", progress, unit="chunk")
+    for k in range(0, len(chunks), batch_size):
+        group = chunks[k:k + batch_size]
+        rows, targets, where = [], [], []
+        for r, (inp, offset, start, length) in enumerate(group):
+            inp = list(inp)
+            for j in masked[start:start + length].nonzero().flatten().tolist():
+                inp[offset + j] = mask_id
+                targets.append(int(ids[start + j]))
+                where.append((r, offset + j))
+            rows.append(inp)
+        if not where:
+            bar.update(len(group))
+            continue
+        x, att = _pad(rows, pad_id)
+        logits = model(input_ids=x.to(device), attention_mask=att.to(device)).logits.float()
+        picked = logits[[w[0] for w in where], [w[1] for w in where]]
+        nlls.append(nn.functional.cross_entropy(picked, torch.tensor(targets, device=device), reduction="none").cpu())
+        bar.update(len(group))
+    bar.close()
+    return _summary(
+        "masked", torch.cat(nlls), max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()),
+        extra={"mask_probability": mask_probability, "seed": seed},
+    )
+
+
+@torch.no_grad()
+def pseudo_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> PerplexityResult:
+    """Pseudo-perplexity: every content token masked in turn (one forward pass per token: slow)."""
+    mask_id = _mask_token_id(tokenizer)
+    device = next(model.parameters()).device
+    chunks = _mlm_chunks(tokenizer, ids, max_length)
+    jobs = [(inp, offset + j, int(ids[start + j])) for inp, offset, start, length in chunks for j in range(length)]
+    nlls: list[torch.Tensor] = []
+    bar = progress_bar(len(jobs), "pseudo-perplexity", progress, unit="tok")
+    for k in range(0, len(jobs), batch_size):
+        group = jobs[k:k + batch_size]
+        rows = []
+        for inp, pos, _ in group:
+            row = list(inp)
+            row[pos] = mask_id
+            rows.append(row)
+        x, att = _pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        logits = model(input_ids=x.to(device), attention_mask=att.to(device)).logits.float()
+        picked = logits[torch.arange(len(group)), torch.tensor([p for _, p, _ in group])]
+        nlls.append(nn.functional.cross_entropy(picked, torch.tensor([t for _, _, t in group], device=device), reduction="none").cpu())
+        bar.update(len(group))
+    bar.close()
+    return _summary("pseudo", torch.cat(nlls), max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()))
