@@ -40,6 +40,12 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log output on stderr."),
 ) -> None:
     setup_logging(verbose)
+    import transformers
+
+    # normswap shows its own progress; transformers' per-load bars and advice only add noise.
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        transformers.utils.logging.set_verbosity_error()
 
 
 for _module in (_inspect, _convert, _eval, _finetune):

@@ -146,7 +146,7 @@ def convert_model(
     if measure:
         from normswap.verification import compare
 
-        batches = token_blocks(model, tokenizer, verify_text, n_tokens=1024, block=256, batch_size=4, seed=1)
+        batches = token_blocks(model, tokenizer, verify_text, n_tokens=1024, block=256, batch_size=2, seed=1)
         result.verification = compare(original, model, batches)
         del original
     result.seconds = time.perf_counter() - t0

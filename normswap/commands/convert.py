@@ -1,8 +1,89 @@
-"""`normswap convert` (not yet implemented)."""
+"""`normswap convert MODEL --to rmsnorm|dyt --out DIR`."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+from normswap.errors import NormswapError
+
+EXACT_TOLERANCE = 1e-4  # --verify fails an "exact" conversion whose relative logit error exceeds this
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("convert")(convert_cmd)
+
+
+def convert_cmd(
+    model: str = typer.Argument(..., help="Hub id or local model folder."),
+    to: str = typer.Option(..., "--to", help="Target norm: rmsnorm or dyt."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --overwrite)."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold norm affines into the reading linears where exact."),
+    tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it)."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text file for DyT calibration (default: built-in sample)."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT."),
+    sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
+    alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
+    verify: bool = typer.Option(False, "--verify", help="Compare original and converted on sample text; fail if an exact conversion is not."),
+    verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify (default: built-in sample)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    """Replace every LayerNorm with RMSNorm or DyT and save a checkpoint that loads back exactly."""
+    from normswap.conversion import convert_model
+    from normswap.loading import save
+    from normswap.log import logger
+    from normswap.samples import read_text
+
+    if out.exists() and not overwrite:
+        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
+    calib = read_text(calib_text) if calib_text is not None else None
+    vtext = read_text(verify_text) if verify_text is not None else None
+    logger.info("converting %s -> %s", model, to)
+    converted, result = convert_model(
+        model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
+        alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
+    )
+    save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None, overwrite=overwrite)
+    logger.info("saved %s", out)
+    data = result.to_json() | {"out": str(out)}
+    failed = verify and result.record.exact and (result.verification or {}).get("max_rel_diff", 0.0) > EXACT_TOLERANCE
+    data["verified"] = None if not verify else not failed
+    if fmt == OutputFormat.json:
+        emit_json(data)
+    else:
+        _print_human(data)
+    if failed:
+        raise NormswapError(f"verification failed: relative logit difference {data['max_rel_diff']:.3g} > {EXACT_TOLERANCE:g} for an exact conversion")
+
+
+def _print_human(d: dict) -> None:
+    rows = [[s["path"], s["placement"], s["new_type"], s["method"], "yes" if s["folded"] else "no",
+             f"{s['alpha']:.3g}" if "alpha" in s else "", f"{s['calib_rel_error']:.3g}" if "calib_rel_error" in s else ""] for s in d["sites"]]
+    typer.echo(table(rows, ["site", "placement", "new", "how", "folded", "alpha", "fit err"]))
+    typer.echo("")
+    typer.echo(f"target      {d['target']}  ({'exact' if d['exact'] else 'approximate: recover with normswap finetune'})")
+    if d["tied_head"]:
+        typer.echo(f"tied head   {d['tied_head']}")
+    if d["unfolded"]:
+        reasons: dict[str, list[str]] = {}
+        for path, why in d["unfolded"].items():
+            reasons.setdefault(why, []).append(path)
+        for why, paths in reasons.items():
+            typer.echo(f"unfolded    {len(paths)} site(s): {why}")
+    if d["new_biases"]:
+        typer.echo(f"new biases  {len(d['new_biases'])} linear(s) gained a bias from folding")
+    v = d.get("verification")
+    if v:
+        typer.echo(f"deviation   max |diff| {v['max_abs_diff']:.3g}, relative {v['max_rel_diff']:.3g} ({v['output']}, {v['tokens']} tokens)")
+        if "ppl_original" in v:
+            typer.echo(f"perplexity  original {v['ppl_original']:.4g}, converted {v['ppl_converted']:.4g} (sample text)")
+    if d.get("verified") is not None:
+        typer.echo(f"verified    {'passed' if d['verified'] else 'FAILED'}")
+    for w in d["warnings"]:
+        typer.echo(f"warning     {w}")
+    typer.echo(f"saved       {d['out']}  ({d['seconds']:.1f} s)")

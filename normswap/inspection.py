@@ -1,0 +1,70 @@
+"""What `normswap inspect` reports: each norm site and what each target would be there."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from normswap.archs.plan import ModelPlan, Site, build_plan, check_readers
+from normswap.samples import token_blocks
+
+
+@dataclass
+class SiteReport:
+    path: str
+    placement: str
+    kind: str
+    readers: list[str]
+    rmsnorm: str  # "exact" | "approximate" | "n/a (already RMSNorm)"
+    dyt: str  # "calibrated"
+
+
+@dataclass
+class InspectReport:
+    model: str
+    architecture: str
+    model_type: str
+    family: str | None
+    style: str
+    tied_head: str | None
+    parameters: int
+    sites: list[SiteReport]
+    writers: list[str]
+    embed_writers: list[str]
+    other_norms: list[str]
+    reader_check: dict[str, list[str]] = field(default_factory=dict)  # site -> readers that did not match
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reader_check_passed"] = not self.reader_check
+        return d
+
+
+def _rms_verdict(plan: ModelPlan, site: Site) -> str:
+    if site.kind == "rmsnorm":
+        return "n/a (already RMSNorm)"
+    if plan.family is not None and plan.style == "pre":
+        return "exact"
+    return "approximate"
+
+
+def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = False, check: bool = True) -> InspectReport:
+    """Describe where the norms of `model` are, who reads them, and what each conversion would be."""
+    from normswap.loading import load_pretrained
+
+    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if isinstance(model, (str, Path)):
+        model = load_pretrained(str(model), trust_remote_code=trust_remote_code)
+    plan = build_plan(model)
+    bad: dict[str, list[str]] = {}
+    if check and plan.family is not None:
+        bad = check_readers(model, plan, token_blocks(model, None, None, n_tokens=16, block=16, batch_size=1)[0])
+    sites = [SiteReport(s.path, s.placement, s.kind, s.readers, _rms_verdict(plan, s), "calibrated") for s in plan.sites]
+    return InspectReport(
+        model=name, architecture=type(model).__name__, model_type=plan.model_type,
+        family=plan.family.model_type if plan.family else None, style=plan.style,
+        tied_head=plan.tied_embedding, parameters=sum(p.numel() for p in model.parameters()),
+        sites=sites, writers=plan.writers, embed_writers=plan.embed_writers, other_norms=plan.other_norms, reader_check=bad,
+    )
