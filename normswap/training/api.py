@@ -62,7 +62,7 @@ def finetune(
     config: TrainConfig | None = None,
     overwrite: bool = False,
     resume: bool = False,
-    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the converted model at `student` on `data` and save it to `out` in normswap's format.

@@ -142,12 +142,15 @@ def tokenize_lines(texts: list[str], tokenizer: Any, max_length: int) -> Example
 
 
 def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a single sequence."""
-    probe = tokenizer.build_inputs_with_special_tokens([-7]) if hasattr(tokenizer, "build_inputs_with_special_tokens") else [-7]
-    if -7 not in probe:
-        return [], []
-    k = probe.index(-7)
-    return probe[:k], probe[k + 1:]
+    """The special tokens the tokenizer puts before and after a single sequence, found by probing
+    (transformers 5 fast tokenizers apply them in the post-processor, not in a Python method)."""
+    text = "a b c"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k], full[k + len(plain):]
+    return [], []
 
 
 def _pad_id(tokenizer: Any) -> int:

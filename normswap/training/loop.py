@@ -154,11 +154,18 @@ def train_loop(
     accelerator: Any,
     resume: bool = False,
     progressive: tuple[list[str], Schedule] | None = None,
-    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
 ) -> LoopResult:
-    """Train `model` for `total_steps` optimizer steps (continuing from the newest checkpoint if `resume`)."""
+    """Train `model` for `total_steps` optimizer steps (continuing from the newest checkpoint if `resume`).
+
+    `on_step(step, info, model)` is called after every optimizer step (for callers that watch or
+    steer a run: tests, notebooks).
+    """
     from tqdm.auto import tqdm
 
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed, device_specific=True)  # dropout draws: same seed, same run (resume restores the saved state)
     set_dropout(model, cfg.dropout)
     model.train()
     if teacher is not None:
@@ -263,7 +270,7 @@ def train_loop(
                     else:
                         bar.write(msg, file=sys.stderr)
             if on_step is not None:
-                on_step(step, info)
+                on_step(step, info, accelerator.unwrap_model(model))
             stop = flag.set
             if nproc > 1:
                 stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "sum")[0] > 0)

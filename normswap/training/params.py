@@ -91,7 +91,10 @@ def select_trainable(model: nn.Module, mode: str, example: dict[str, torch.Tenso
             if example is None:
                 raise ValueError("norms+readers needs an example batch to trace the readers")
             prefixes += [r for rs in find_readers(model, example).values() for r in rs]
-        chosen = {n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in prefixes)}
+        # every name of a parameter counts: a tied head (lm_head.weight is wte.weight) trains with its reader
+        chosen_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                      if any(n.startswith(q + ".") for q in prefixes)}
+        chosen = {n for n, p in model.named_parameters() if id(p) in chosen_ids}
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
