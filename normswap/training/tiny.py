@@ -18,12 +18,14 @@ WORDS = [f"w{i}" for i in range(90)]
 SPECIALS = ["<pad>", "<unk>", "<eos>", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def tiny_tokenizer() -> Any:
-    """A word-level fast tokenizer: 6 special tokens + 90 words."""
+def tiny_tokenizer(shuffled: bool = False) -> Any:
+    """A word-level fast tokenizer: 6 special tokens + 90 words (in another order if `shuffled`:
+    the same size, a different vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    words = list(reversed(WORDS)) if shuffled else WORDS
+    vocab = {t: i for i, t in enumerate(SPECIALS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
@@ -79,7 +81,7 @@ def _dyt_swap(model: nn.Module, style: str) -> Any:
                             source={"model": "tiny"}, version=normswap.__version__)
 
 
-def make_tiny_pair(root: Path, kind: str = "causal", seed: int = 0) -> tuple[Path, Path]:
+def make_tiny_pair(root: Path, kind: str = "causal", seed: int = 0, shuffled_vocab: bool = False) -> tuple[Path, Path]:
     """Write a tiny teacher (plain HF folder) and its DyT student (normswap folder) under `root`.
 
     kind: "causal" (GPT-2), "encoder" (bare BertModel) or "masked" (BertForMaskedLM).
@@ -93,7 +95,7 @@ def make_tiny_pair(root: Path, kind: str = "causal", seed: int = 0) -> tuple[Pat
 
     torch.manual_seed(seed)
     if kind == "causal":
-        tok = tiny_tokenizer()
+        tok = tiny_tokenizer(shuffled_vocab)
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=64,
                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         teacher, style = GPT2LMHeadModel(cfg), "pre"
@@ -103,7 +105,8 @@ def make_tiny_pair(root: Path, kind: str = "causal", seed: int = 0) -> tuple[Pat
                          vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id)
         teacher, style = (BertModel(cfg) if kind == "encoder" else BertForMaskedLM(cfg)), "post"
     teacher.eval()
-    t_path, s_path = root / f"tiny-{kind}", root / f"tiny-{kind}-dyt"
+    name = f"tiny-{kind}" + ("-shuffled" if shuffled_vocab else "")
+    t_path, s_path = root / name, root / f"{name}-dyt"
     teacher.save_pretrained(str(t_path))
     tok.save_pretrained(str(t_path))
     student = copy.deepcopy(teacher)

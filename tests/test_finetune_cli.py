@@ -1,0 +1,139 @@
+"""`normswap finetune` on the command line: results on stdout, one-line errors, exit codes."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from normswap.training.tiny import make_tiny_pair, tiny_corpus
+
+NORMSWAP = str(Path(sys.executable).parent / "normswap")
+FAST = ["--batch-size", "4", "--block-size", "16", "--val-examples", "4"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    teacher, student = make_tiny_pair(root, "causal")
+    enc_teacher, enc_student = make_tiny_pair(root, "encoder")
+    other_teacher, _ = make_tiny_pair(root, "causal", shuffled_vocab=True)
+    data = root / "corpus.txt"
+    data.write_text(tiny_corpus(200))
+    return {"teacher": teacher, "student": student, "enc_teacher": enc_teacher, "enc_student": enc_student, "other_teacher": other_teacher, "data": data}
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run the real console entry point (normswap.cli.main) in-process."""
+    from normswap.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["normswap", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as ex:
+        code = ex.code if isinstance(ex.code, int) else 1
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_json_result_on_stdout(pairs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ft"
+    code, stdout, _ = run_cli(["finetune", str(pairs["student"]), "--teacher", str(pairs["teacher"]), "--data", str(pairs["data"]),
+                               "--objective", "distill", "--steps", "3", "--out", str(out), "--format", "json", *FAST],
+                              monkeypatch, capsys)
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["status"] == "completed" and result["step"] == 3 and result["objective"] == {"distill": 1.0}
+    assert "val_loss" in result["val"] and (out / "config.json").is_file()
+
+
+def test_existing_output_folder_needs_overwrite_or_resume(pairs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = ["finetune", str(pairs["student"]), "--data", str(pairs["data"]), "--steps", "2", "--out", str(out), *FAST]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "exists" in _error_line(err) and "--overwrite" in err and (out / "keep.txt").exists()
+    code, _, err = run_cli(args + ["--resume"], monkeypatch, capsys)
+    assert code == 2 and "nothing to resume" in _error_line(err)
+    code, _, _ = run_cli(args + ["--overwrite"], monkeypatch, capsys)
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_different_vocabularies(pairs, tmp_path, monkeypatch, capsys):
+    # same vocabulary size, different tokens
+    code, _, err = run_cli(["finetune", str(pairs["student"]), "--teacher", str(pairs["other_teacher"]), "--data", str(pairs["data"]),
+                            "--objective", "distill", "--steps", "2", "--out", str(tmp_path / "o"), *FAST], monkeypatch, capsys)
+    assert code == 2 and "different vocabularies" in _error_line(err) and "tokenizers" in err
+    # a bare encoder teacher has no logits for a causal student
+    code, _, err = run_cli(["finetune", str(pairs["student"]), "--teacher", str(pairs["enc_teacher"]), "--data", str(pairs["data"]),
+                            "--objective", "distill", "--steps", "2", "--out", str(tmp_path / "o"), *FAST], monkeypatch, capsys)
+    assert code == 2 and "no LM head" in _error_line(err)
+    standin = Path(os.environ.get("NORMSWAP_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets")) / "gpt2-standin-wt2"
+    if standin.is_dir():
+        code, _, err = run_cli(["finetune", str(pairs["student"]), "--teacher", str(standin), "--data", str(pairs["data"]),
+                                "--objective", "distill", "--steps", "2", "--out", str(tmp_path / "o2"), *FAST], monkeypatch, capsys)
+        assert code == 2 and "50257" in _error_line(err)
+
+
+def test_empty_data_and_tiny_budget(pairs, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    base = ["finetune", str(pairs["student"]), "--out", str(tmp_path / "o"), *FAST]
+    code, _, err = run_cli(base + ["--data", str(empty), "--steps", "2"], monkeypatch, capsys)
+    assert code == 2 and "empty" in _error_line(err)
+    code, _, err = run_cli(base + ["--data", str(pairs["data"]), "--tokens", "40"], monkeypatch, capsys)
+    assert code == 2 and "smaller than one batch" in _error_line(err)
+    code, _, err = run_cli(base + ["--data", str(pairs["data"])], monkeypatch, capsys)
+    assert code == 2 and "--steps" in _error_line(err)
+    code, _, err = run_cli(base + ["--data", str(pairs["data"]), "--steps", "2", "--objective", "distill"], monkeypatch, capsys)
+    assert code == 2 and "--teacher" in _error_line(err)
+    assert not (tmp_path / "o").exists()  # nothing written for a refused run
+
+
+def test_bare_encoder_distils_hidden_states(pairs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "enc"
+    code, stdout, err = run_cli(["finetune", str(pairs["enc_student"]), "--teacher", str(pairs["enc_teacher"]), "--data", str(pairs["data"]),
+                                 "--objective", "distill", "--steps", "3", "--out", str(out), "--format", "json", *FAST],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["config"]["packing"] == "lines" and "val_distill" in result["val"]
+    code, _, err = run_cli(["finetune", str(pairs["enc_student"]), "--data", str(pairs["data"]), "--objective", "lm",
+                            "--steps", "3", "--out", str(tmp_path / "enc2"), *FAST], monkeypatch, capsys)
+    assert code == 2 and "no LM head" in _error_line(err)
+
+
+def test_subprocess_human_table_and_stderr_progress(pairs, tmp_path):
+    """The installed console script: human table on stdout, logs on stderr (no progress bar without a TTY)."""
+    out = tmp_path / "sub"
+    proc = subprocess.run([NORMSWAP, "finetune", str(pairs["student"]), "--teacher", str(pairs["teacher"]), "--data", str(pairs["data"]),
+                           "--objective", "lm=0.5,distill=0.5", "--steps", "2", "--out", str(out), *FAST],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "status" in proc.stdout and "completed" in proc.stdout and "normswap:" not in proc.stdout
+    assert "step 2/2" in proc.stderr
+    assert (out / "train_log.jsonl").is_file() and (out / "loss_curve.png").is_file()
