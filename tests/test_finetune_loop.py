@@ -165,3 +165,12 @@ def test_progressive_start_matches_the_teacher(pair, tmp_path):
         assert not torch.allclose(s(input_ids=ids).logits, t(input_ids=ids).logits, atol=1e-4)
         wrap_sites(s, read_record(student)[0], t)
         torch.testing.assert_close(s(input_ids=ids).logits, t(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_time_limit_keeps_the_model(pair, tmp_path):
+    teacher, student, data = pair
+    res = finetune(student, teacher=teacher, data=data, out=tmp_path / "t", objective="distill", steps=50,
+                   max_seconds=1e-6, **FAST)
+    assert res.status == "time_limit" and res.step == 1 and res.total_steps == 50
+    assert isinstance(normswap.load(tmp_path / "t"), torch.nn.Module)
+    assert latest_checkpoint(tmp_path / "t").name == "step-0000001"  # resumable

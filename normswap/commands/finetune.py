@@ -48,9 +48,11 @@ def finetune_cmd(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation every N steps [default: 10 per run]."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps [default: 5 per run]."),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="How many recent checkpoints to keep."),
+    log_every: int = typer.Option(10, "--log-every", help="Write train_log.jsonl (and a log line without a TTY) every N steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, order and masks."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16."),
     dropout: Optional[float] = typer.Option(0.0, "--dropout", help="Dropout during training (negative: keep the model's own)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, keeping the model as trained so far."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     fmt: OutputFormat = FORMAT_OPTION,
@@ -62,8 +64,8 @@ def finetune_cmd(
         steps=steps, tokens=parse_count(tokens), batch_size=batch_size, grad_accum=grad_accum, block_size=block_size,
         packing=packing, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip,
         train=train, progressive=progressive, swap_every=swap_every, fade_steps=fade_steps, val_examples=val_examples,
-        eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed,
-        precision=precision, dropout=None if dropout is not None and dropout < 0 else dropout,
+        eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed,
+        precision=precision, max_seconds=time_limit * 60 if time_limit else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
     result = finetune(student, teacher=teacher, data=data, out=out, config=cfg, overwrite=overwrite, resume=resume)
     if fmt == OutputFormat.json:

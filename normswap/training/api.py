@@ -37,7 +37,7 @@ class FinetuneResult:
     """What a run did: where it wrote, how far it got, and its losses."""
 
     out: str
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "time_limit" | "interrupted"
     step: int
     total_steps: int
     tokens: int
@@ -161,7 +161,7 @@ def finetune(
         if accelerator.is_main_process:
             plot_losses(TrainLog(out).read(), out / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(data).name}")
     final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), **asdict(result))
-    if result.status == "completed":
+    if result.status in ("completed", "time_limit"):
         trained = accelerator.unwrap_model(model)
         if progressive is not None:
             unwrap_sites(trained, progressive[0])

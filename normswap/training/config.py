@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     dropout: float | None = 0.0  # None keeps the model's dropout; 0 matches the teacher exactly
+    max_seconds: float | None = None  # wall-clock limit: stop early (keeping the model) when reached
 
     # fields that change which examples a step sees, or the schedule: checked on --resume
     RESUME_KEYS = ("objective", "steps", "batch_size", "grad_accum", "block_size", "packing", "seed",

@@ -39,7 +39,7 @@ class TrainingDiverged(NormswapError):
 
 @dataclass
 class LoopResult:
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "time_limit" (stopped early at cfg.max_seconds, model kept) | "interrupted"
     step: int
     total_steps: int
     tokens: int
@@ -201,6 +201,7 @@ def train_loop(
     train_seconds, run_tokens, last_loss, val = 0.0, 0, None, {}
     last_ckpt: Path | None = latest_checkpoint(out) if resume else None
     status = "completed"
+    run_start = time.perf_counter()
 
     def state_dict() -> dict[str, Any]:
         return {"step": step, "tokens": tokens, "total_steps": total_steps, "scheduler": scheduler.state_dict(),
@@ -274,8 +275,15 @@ def train_loop(
             stop = flag.set
             if nproc > 1:
                 stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "sum")[0] > 0)
-            if step % save_every == 0 or (stop and step < total_steps):
+            out_of_time = bool(cfg.max_seconds) and time.perf_counter() - run_start >= cfg.max_seconds and step < total_steps
+            if step % save_every == 0 or (stop and step < total_steps) or out_of_time:
                 last_ckpt = checkpoint()
+            if out_of_time and not stop:
+                status = "time_limit"
+                val = evaluate(model, teacher, objective, data.val, bs, accelerator, data.seed)
+                log.write({"kind": "val", "step": step, "tokens": tokens, **val})
+                logger.info("time limit of %.0f s reached at step %d of %d: keeping the model as it is", cfg.max_seconds, step, total_steps)
+                break
             if stop and step < total_steps:
                 status = "interrupted"
                 logger.info("interrupted at step %d of %d: checkpoint %s (continue with --resume)", step, total_steps, last_ckpt)
