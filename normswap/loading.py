@@ -25,6 +25,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "normswap"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
 _NOT_COPIED = {CONFIG_NAME, "README.md", ".gitattributes"}
 
 
@@ -142,11 +143,15 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     """The tokenizer stored with a model (None if it has none)."""
     from transformers import AutoTokenizer
 
+    local = Path(str(name_or_path))
+    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        return None  # transformers would otherwise build an empty tokenizer from nothing
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
     except Exception as err:  # no tokenizer files, unknown class...
         logger.debug("no tokenizer for %s: %s", name_or_path, err)
         return None
+    return tok if len(tok) > 1 else None
 
 
 # --------------------------------------------------------------------------------------- normswap format
@@ -243,7 +248,7 @@ def save(
     Besides weights and config, the source's auxiliary files (tokenizer, pooling config...) are
     copied from `copy_from`, and the tokenizer (if given) is saved so the folder is self-contained.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -255,7 +260,7 @@ def save(
             _copy_aux_files(Path(copy_from), tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "normswap": record.version})
+        save_file(_unique_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "normswap": record.version})
         cfg = model.config.to_dict()
         cfg.pop("_normswap_source", None)
         cfg["model_type"] = MODEL_TYPE
@@ -273,6 +278,20 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under its first name (the body's embedding, not
+    the head), so that the bare body can be loaded from the same file."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous()
+    return state
 
 
 def _copy_aux_files(src: Path, dst: Path) -> None:

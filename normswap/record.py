@@ -68,16 +68,37 @@ def add_bias(linear: nn.Module) -> None:
     linear.bias = nn.Parameter(torch.zeros(out_features, dtype=linear.weight.dtype, device=linear.weight.device))
 
 
+def _path_mapper(model: nn.Module, paths: list[str]):
+    """Map recorded paths onto `model`, which may be the bare body of the recorded model (AutoModel
+    on a causal LM checkpoint) or carry a head the record lacks; head-only paths map to None."""
+    prefix = getattr(model, "base_model_prefix", "")
+    body_attr = bool(prefix) and getattr(model, prefix, None) is not None
+    recorded_with_prefix = bool(prefix) and any(p.startswith(prefix + ".") for p in paths)
+
+    def map_path(path: str) -> str | None:
+        if not prefix or body_attr == recorded_with_prefix:
+            return path
+        if body_attr:  # record made on the body, model has a head
+            return f"{prefix}.{path}"
+        return path[len(prefix) + 1:] if path.startswith(prefix + ".") else None
+
+    return map_path
+
+
 def apply_structure(model: nn.Module, record: ConversionRecord) -> None:
     """Turn a freshly built base model into the converted architecture (values are loaded later)."""
-    for path in record.centered_embeddings:
+    map_path = _path_mapper(model, [s.path for s in record.sites] + record.new_biases + record.centered_embeddings)
+    for path in filter(None, map(map_path, record.centered_embeddings)):
         get_module(model, path).__class__ = CenteredEmbedding
-    for path in record.new_biases:
+    for path in filter(None, map(map_path, record.new_biases)):
         add_bias(get_module(model, path))
     for site in record.sites:
-        old = get_module(model, site.path)
+        path = map_path(site.path)
+        if path is None:
+            continue
+        old = get_module(model, path)
         ref = next(old.parameters(), None)
         new = new_norm(asdict(site))
         if ref is not None:
             new = new.to(dtype=ref.dtype, device=ref.device)
-        set_module(model, site.path, new)
+        set_module(model, path, new)
