@@ -1,8 +1,109 @@
-"""`normswap eval` (not yet implemented)."""
+"""`normswap eval`: a converted model against its baseline on perplexity, zero-shot STS and GLUE.
+
+    normswap eval gpt2-rms --baseline gpt2 --ppl wiki.test.raw --max-length 1024 --stride 512 --out results/
+    normswap eval bert-dyt --baseline bert-base-uncased --glue sst2,cola,rte,stsb --glue-data glue/ --seeds 3 --out results/
+    normswap eval minilm-dyt --baseline all-MiniLM-L6-v2 --sts glue/STS-B/dev.tsv
+
+Results go to stdout (a table, or one JSON object with --format json); logs and progress to stderr.
+With --out: results.json (config, versions, git hash, date, per-seed numbers), per-example
+predictions under predictions/, and deltas.png.
+"""
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import typer
 
+from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    """Add the `eval` command to the CLI."""
+    app.command("eval", help="Evaluate a model against its baseline: perplexity, zero-shot STS, GLUE fine-tuning.")(eval_cmd)
+
+
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model to evaluate: a converted folder, a plain folder, or a Hub id (online)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", "-b", help="The original model to compare against (same tokenizer)."),
+    ppl: Optional[str] = typer.Option(None, "--ppl", help="Text file to score (read as-is), or a `datasets` name[:config[:split]] when online."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Window length in tokens [default: the model's positions, at most 1024]."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Causal LMs: tokens between window starts [default: --max-length]."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
+    pseudo_ppl: bool = typer.Option(False, "--pseudo-ppl", help="Masked LMs: pseudo-perplexity (each token masked in turn; slow)."),
+    mlm_probability: float = typer.Option(0.15, "--mlm-probability", help="Masked LMs: fraction of tokens masked."),
+    mask_seed: int = typer.Option(0, "--mask-seed", help="Masked LMs: seed of the fixed mask."),
+    sts_file: Optional[str] = typer.Option(None, "--sts", help="STS pairs in the GLUE STS-B layout: zero-shot Spearman/Pearson and fidelity."),
+    glue_tasks: Optional[str] = typer.Option(None, "--glue", help="Comma-separated GLUE tasks: sst2, cola, rte, stsb, mrpc, qnli, qqp, mnli, wnli."),
+    glue_dir: Optional[str] = typer.Option(None, "--glue-data", help="Folder in the GLUE layout (SST-2/train.tsv, SST-2/dev.tsv, ...)."),
+    seeds: int = typer.Option(1, "--seeds", help="GLUE: number of seeds (0..N-1), the same for both models."),
+    train_samples: Optional[int] = typer.Option(None, "--train-samples", help="GLUE: fine-tune on a fixed random subset of N train rows."),
+    dev_samples: Optional[int] = typer.Option(None, "--dev-samples", help="GLUE: score a fixed random subset of N dev rows [default: all]."),
+    epochs: float = typer.Option(3.0, "--epochs", help="GLUE: training epochs (fractions allowed)."),
+    lr: float = typer.Option(5e-5, "--lr", help="GLUE: peak learning rate (AdamW, linear warm-up and decay)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="GLUE: training batch size."),
+    max_seq_length: int = typer.Option(128, "--max-seq-length", help="GLUE: truncate inputs to this many tokens."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png."),
+    fmt: OutputFormat = FORMAT_OPTION,
+) -> None:
+    from normswap.evaluation.glue import GlueSettings
+    from normswap.evaluation.runner import EvalRequest, run_eval
+
+    req = EvalRequest(
+        model=model, baseline=baseline, ppl=ppl, max_length=max_length, stride=stride, max_tokens=max_tokens,
+        pseudo_ppl=pseudo_ppl, mlm_probability=mlm_probability, mask_seed=mask_seed, sts=sts_file,
+        glue=glue_tasks, glue_data=glue_dir, dev_samples=dev_samples, out=out,
+        glue_settings=GlueSettings(train_samples=train_samples, epochs=epochs, lr=lr, batch_size=batch_size,
+                                   max_seq_length=max_seq_length, seeds=seeds),
+    )
+    res = run_eval(req)
+    if fmt == OutputFormat.json:
+        emit_json(res)
+    else:
+        typer.echo(render(res))
+
+
+def render(res: dict[str, Any]) -> str:
+    """The human table: one row per figure (baseline, converted, delta), then the settings they depend on."""
+    rows: list[list[Any]] = []
+    notes: list[str] = []
+    p = res.get("ppl")
+    if p:
+        label = {"causal": "perplexity", "masked": "MLM perplexity", "pseudo": "pseudo-perplexity"}[p["kind"]]
+        rows.append(["ppl", "text", label, _v(p.get("baseline")), _v(p["value"]), _d(p.get("delta"))])
+        rows.append(["ppl", "text", "nll/token", _v(p.get("baseline_nll")), _v(p["nll"]), _d(p.get("delta_nll"))])
+        how = f"stride {p['stride']}" if p["kind"] == "causal" else (
+            f"{p['mask_probability']:.0%} mask, seed {p['seed']}" if p["kind"] == "masked" else "every token masked in turn")
+        notes.append(f"ppl: {p['tokens']} tokens scored of {p['text_tokens']}, max_length {p['max_length']}, {how}")
+    s = res.get("sts")
+    if s:
+        rows.append(["sts", "zero-shot", "spearman", _v(s.get("baseline_spearman")), _v(s["spearman"]), _d(s.get("delta"))])
+        rows.append(["sts", "zero-shot", "pearson", _v(s.get("baseline_pearson")), _v(s["pearson"]),
+                     _d(s["pearson"] - s["baseline_pearson"] if s.get("baseline_pearson") is not None else None)])
+        if s.get("fidelity") is not None:
+            rows.append(["sts", "fidelity", "mean cosine", "", _v(s["fidelity"]), ""])
+        notes.append(f"sts: {s['pairs']} pairs, {s['pooling']} pooling, cosine similarity")
+    g = res.get("glue")
+    if g:
+        for task, metrics in g.items():
+            for metric, r in metrics.items():
+                conv = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if "std" in r else "")
+                base = (f"{r['baseline_mean']:.4f}" + (f" ± {r['baseline_std']:.4f}" if "baseline_std" in r else "")) if "baseline_mean" in r else ""
+                rows.append(["glue", task, metric, base, conv, _d(r.get("delta"))])
+        st = res["glue_settings"]
+        sizes = ", ".join(f"{t} {d['train_examples']}/{d['dev_examples']}" for t, d in st["data"].items())
+        notes.append(f"glue: {st['seeds']} seed(s), mean ± std; train/dev rows: {sizes}; epochs {st['epochs']}, "
+                     f"lr {st['lr']}, batch {st['batch_size']}, max_seq_length {st['max_seq_length']}"
+                     + (f"; train subsampled to {st['train_samples']}" if st.get("train_samples") else "")
+                     + (f"; dev subsampled to {st['dev_samples']}" if st.get("dev_samples") else ""))
+    text = table(rows, ["part", "task", "metric", "baseline", "converted", "delta"])
+    if res.get("results_file"):
+        notes.append(f"results: {res['results_file']}")
+    return text + "\n\n" + "\n".join(notes)
+
+
+def _v(x: Any) -> str:
+    return "" if x is None else f"{x:.4f}" if abs(x) < 1000 else f"{x:.1f}"
+
+
+def _d(x: Any) -> str:
+    return "" if x is None else f"{x:+.4f}"

@@ -1,0 +1,310 @@
+"""GLUE fine-tuning: one sequence-classification head per (model, task, seed), trained on train, scored on dev.
+
+Baseline and converted models go through exactly the same code with the same settings, seed and
+training rows, so the delta measures the conversion and nothing else. The seed fixes the head's
+initialisation (it is drawn while the model loads), dropout and the order of the training batches.
+Converted checkpoints keep their RMSNorm / DyT modules: `normswap.loading.load_pretrained` rebuilds
+them before the new head is attached.
+
+The loop is deliberately plain: AdamW (no decay on biases and norm weights), linear warm-up then
+linear decay, gradient clipping at 1.0, dynamic padding; cross-entropy for classification and MSE
+for STS-B regression.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.evaluation.glue_data import GlueExample, GlueTask
+from normswap.evaluation.metrics import compute_glue_metrics
+from normswap.evaluation.progress import progress_bar
+from normswap.log import logger
+
+
+@dataclass
+class GlueSettings:
+    """Fine-tuning hyperparameters, shared by baseline and converted model."""
+
+    train_samples: int | None = None  # None: the whole train split
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_seq_length: int = 128
+    seeds: int = 1  # seeds 0 .. seeds-1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    eval_batch_size: int = 128
+    data_seed: int = 0  # picks the --train-samples subset
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train."""
+        for name in ("epochs", "lr", "batch_size", "max_seq_length", "seeds", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise NormswapError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GlueRun:
+    """The outcome of fine-tuning one model on one task with one seed."""
+
+    task: str
+    seed: int
+    metrics: dict[str, float]
+    predictions: list[float] = field(repr=False)
+    train_examples: int = 0
+    steps: int = 0
+    train_tokens: int = 0  # padded tokens seen in training
+    seconds: float = 0.0
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples of one split (no padding), with their labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[float | int]
+
+
+def encode(tokenizer: Any, examples: Sequence[GlueExample], max_seq_length: int) -> Encoded:
+    """Tokenise single sentences or pairs, truncated to `max_seq_length` tokens."""
+    first = [e.texts[0] for e in examples]
+    second = [e.texts[1] for e in examples] if len(examples[0].texts) > 1 else None
+    enc = tokenizer(first, second, truncation=True, max_length=max_seq_length, padding=False)
+    return Encoded(enc["input_ids"], enc.get("token_type_ids"), [e.label for e in examples])
+
+
+def _batch(data: Encoded, idx: Sequence[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    width = max(len(data.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(idx), width), dtype=torch.long)
+    tt = torch.zeros((len(idx), width), dtype=torch.long) if data.token_type_ids is not None else None
+    for r, i in enumerate(idx):
+        n = len(data.input_ids[i])
+        ids[r, :n] = torch.tensor(data.input_ids[i])
+        att[r, :n] = 1
+        if tt is not None:
+            tt[r, :n] = torch.tensor(data.token_type_ids[i])  # type: ignore[index]
+    out = {"input_ids": ids, "attention_mask": att}
+    if tt is not None:
+        out["token_type_ids"] = tt
+    out["labels"] = torch.tensor([data.labels[i] for i in idx], dtype=torch.float32 if regression else torch.long)
+    return out
+
+
+def prepare_padding(model: nn.Module, tokenizer: Any) -> int:
+    """The pad id; causal-LM tokenizers without one (GPT-2) pad with EOS, and the head is told so."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise NormswapError("the tokenizer has neither a pad nor an EOS token; cannot batch GLUE inputs")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return int(tokenizer.pad_token_id)
+
+
+def _optimizer(model: nn.Module, s: GlueSettings, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)  # biases, norm weights, DyT alpha
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    warmup = int(s.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels)
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+def _length_grouped_batches(data: Encoded, batch_size: int, gen: torch.Generator, group: int = 16) -> list[list[int]]:
+    """One epoch of shuffled batches with little padding.
+
+    Shuffle, cut into pools of `group` batches, sort each pool by length, cut it into batches and
+    shuffle the batch order: still random, but batches hold similar lengths, which roughly halves
+    the padded tokens (and the time) on short-sentence tasks.
+    """
+    perm = torch.randperm(len(data.labels), generator=gen).tolist()
+    batches = []
+    pool = batch_size * group
+    for k in range(0, len(perm), pool):
+        chunk = sorted(perm[k:k + pool], key=lambda i: len(data.input_ids[i]))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed: int, pad_id: int, progress: bool | None = None) -> tuple[int, int]:
+    """Fine-tune `model` in place; returns (optimizer steps, padded training tokens)."""
+    device = next(model.parameters()).device
+    n = len(data.labels)
+    steps_per_epoch = math.ceil(n / s.batch_size)
+    total = max(1, math.ceil(s.epochs * steps_per_epoch))
+    opt, sched = _optimizer(model, s, total)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    step, tokens = 0, 0
+    bar = progress_bar(total, f"train {task.name}", progress, unit="step")
+    while step < total:
+        for idx in _length_grouped_batches(data, s.batch_size, gen):
+            if step >= total:
+                break
+            batch = _batch(data, idx, pad_id, task.is_regression)
+            labels = batch.pop("labels").to(device)
+            logits = model(**{key: v.to(device) for key, v in batch.items()}).logits
+            loss = _loss(logits, labels, task.is_regression)
+            if not torch.isfinite(loss):
+                raise NormswapError(f"{task.name}: the training loss became {loss.item()} at step {step}; try a lower --lr")
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += batch["input_ids"].numel()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return step, tokens
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pad_id: int, progress: bool | None = None) -> list[float]:
+    """Dev predictions in example order: label ids, or scores for regression (batched by length)."""
+    device = next(model.parameters()).device
+    model.eval()
+    order = sorted(range(len(data.labels)), key=lambda i: len(data.input_ids[i]))
+    preds: list[float] = [0.0] * len(order)
+    bar = progress_bar(len(order), f"dev {task.name}", progress, unit="ex")
+    for k in range(0, len(order), s.eval_batch_size):
+        idx = order[k:k + s.eval_batch_size]
+        batch = _batch(data, idx, pad_id, task.is_regression)
+        batch.pop("labels")
+        logits = model(**{key: v.to(device) for key, v in batch.items()}).logits.float()
+        out = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+        for i, v in zip(idx, out.tolist()):
+            preds[i] = v
+        bar.update(len(idx))
+    bar.close()
+    return preds
+
+
+def load_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.Module:
+    """The model with a fresh classification head for `task`, initialised from `seed`."""
+    import transformers
+
+    from normswap.loading import load_pretrained
+
+    auto = transformers.AutoModelForSequenceClassification
+    torch.manual_seed(seed)
+    try:
+        try:
+            return load_pretrained(name_or_path, auto_class=auto, allow_new_head=True, num_labels=task.num_labels)
+        except TypeError as err:
+            if "num_labels" not in str(err):
+                raise
+            # load_pretrained passes `config=` to from_pretrained for plain models, so num_labels
+            # reaches the model's __init__ instead of the config: set it on the config ourselves.
+            return _load_plain_classifier(name_or_path, task, seed)
+    except (NormswapError, ValueError) as err:
+        if "Unrecognized configuration class" in str(err) or "ForSequenceClassification" in str(err):
+            raise NormswapError(f"{name_or_path} has no sequence-classification head in transformers, so it cannot run GLUE") from None
+        raise
+
+
+def _load_plain_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.Module:
+    """Plain (unconverted) checkpoint with a fresh head of `task.num_labels` outputs; safetensors only."""
+    import transformers
+
+    from normswap.loading import load_config
+
+    config = load_config(name_or_path)
+    config.num_labels = task.num_labels
+    torch.manual_seed(seed)
+    try:
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise NormswapError(f"cannot load {name_or_path} for sequence classification: {str(err).strip().splitlines()[0][:300]}") from None
+    prefix = model.base_model_prefix
+    missing = [k for k in info.get("missing_keys", []) if k.startswith(prefix + ".")]
+    if missing:
+        raise NormswapError(f"weights of {name_or_path} are incomplete: {len(missing)} missing, e.g. {missing[0]}")
+    return model.eval()
+
+
+def run_task_seed(
+    name_or_path: str,
+    tokenizer: Any,
+    task: GlueTask,
+    train_data: Encoded,
+    dev_data: Encoded,
+    settings: GlueSettings,
+    seed: int,
+    progress: bool | None = None,
+) -> GlueRun:
+    """Load, fine-tune and score one model on one task with one seed."""
+    t0 = time.perf_counter()
+    model = load_classifier(name_or_path, task, seed)
+    pad_id = prepare_padding(model, tokenizer)
+    torch.manual_seed(seed)  # dropout stream, independent of how much randomness loading used
+    steps, tokens = train(model, train_data, task, settings, seed, pad_id, progress)
+    preds = predict(model, dev_data, task, settings, pad_id, progress)
+    metrics = compute_glue_metrics(task.name, preds, dev_data.labels)
+    seconds = time.perf_counter() - t0
+    logger.info("%s %s seed %d: %s (%d steps, %.0f s)", task.name, name_or_path, seed,
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), steps, seconds)
+    return GlueRun(task.name, seed, metrics, preds, len(train_data.labels), steps, tokens, seconds)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if v == v]  # drop NaN (undefined correlations)
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(converted: Sequence[GlueRun], baseline: Sequence[GlueRun] | None) -> dict[str, dict[str, float | list[float]]]:
+    """Per metric: mean and sample std (ddof 1) over seeds, baseline's, and delta = converted - baseline."""
+    out: dict[str, dict[str, Any]] = {}
+    for metric in converted[0].metrics:
+        vals = [r.metrics[metric] for r in converted]
+        mean, std = _mean_std(vals)
+        row: dict[str, Any] = {"mean": mean, "std": std, "seeds": vals}
+        if baseline:
+            bvals = [r.metrics[metric] for r in baseline]
+            bmean, bstd = _mean_std(bvals)
+            row.update(baseline_mean=bmean, baseline_std=bstd, delta=mean - bmean, baseline_seeds=bvals)
+        out[metric] = row
+    return out
+
+
+def glue_average(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
+    """The GLUE score convention: average the metrics within each task, then average over tasks."""
+    def task_mean(task_rows: dict[str, dict[str, Any]], key: str) -> float:
+        return statistics.fmean(r[key] for r in task_rows.values())
+
+    out = {"mean": statistics.fmean(task_mean(t, "mean") for t in summary.values())}
+    if all("baseline_mean" in r for t in summary.values() for r in t.values()):
+        out["baseline_mean"] = statistics.fmean(task_mean(t, "baseline_mean") for t in summary.values())
+        out["delta"] = out["mean"] - out["baseline_mean"]
+    return out
