@@ -174,3 +174,15 @@ def test_time_limit_keeps_the_model(pair, tmp_path):
     assert res.status == "time_limit" and res.step == 1 and res.total_steps == 50
     assert isinstance(normswap.load(tmp_path / "t"), torch.nn.Module)
     assert latest_checkpoint(tmp_path / "t").name == "step-0000001"  # resumable
+
+
+def test_masked_lm_student_trains_with_mlm_and_distill(tmp_path):
+    teacher, student = make_tiny_pair(tmp_path, "masked")
+    data = tmp_path / "c.txt"
+    data.write_text(tiny_corpus(200))
+    res = finetune(student, teacher=teacher, data=data, out=tmp_path / "mlm", objective="lm=0.5,distill=0.5", steps=3, **FAST)
+    assert res.status == "completed" and res.config["packing"] == "blocks"
+    assert {"val_lm", "val_distill", "val_ppl"} <= set(res.val)
+    log = [json.loads(ln) for ln in (tmp_path / "mlm" / "train_log.jsonl").read_text().splitlines()]
+    assert all(e["loss_lm"] > 0 and e["loss_distill"] >= 0 for e in log if e["kind"] == "train")
+    assert type(normswap.load(tmp_path / "mlm")).__name__ == "BertForMaskedLM"
