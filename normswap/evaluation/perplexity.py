@@ -171,17 +171,30 @@ def _mask_token_id(tokenizer: Any) -> int:
     return int(tokenizer.mask_token_id)
 
 
+def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP]).
+
+    Found by encoding a probe with and without special tokens, which works for every tokenizer
+    class (transformers 5 dropped `build_inputs_with_special_tokens` from some of them).
+    """
+    plain = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello world", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k]), list(full[k + len(plain):])
+    raise NormswapError("cannot tell where the tokenizer puts its special tokens")
+
+
 def _mlm_chunks(tokenizer: Any, ids: torch.Tensor, max_length: int) -> list[tuple[list[int], int, int, int]]:
     """Per chunk: (input ids with specials, offset of the content in them, content start in `ids`, content length)."""
-    n_special = tokenizer.num_special_tokens_to_add(pair=False)
-    body = max_length - n_special
+    prefix, suffix = special_wrapping(tokenizer)
+    body = max_length - len(prefix) - len(suffix)
     if body < 1:
-        raise NormswapError(f"--max-length {max_length} leaves no room for text after {n_special} special tokens")
-    offset = tokenizer.build_inputs_with_special_tokens([-1]).index(-1)
+        raise NormswapError(f"--max-length {max_length} leaves no room for text after {len(prefix) + len(suffix)} special tokens")
     out = []
     for start in range(0, int(ids.numel()), body):
         chunk = ids[start:start + body].tolist()
-        out.append((tokenizer.build_inputs_with_special_tokens(chunk), offset, start, len(chunk)))
+        out.append((prefix + chunk + suffix, len(prefix), start, len(chunk)))
     return out
 
 
