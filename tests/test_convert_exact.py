@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import normswap
-from tiny_models import POST_LN, PRE_LN, tiny_inputs, tiny_model
+from tiny_models import POST_LN, PRE_LN, RMS_MODELS, tiny_inputs, tiny_model
 
 TOL = 1e-5  # max |diff| / max |original| of logits (last hidden state without a head), fp32
 
@@ -94,7 +94,7 @@ def test_dyt_fold_is_exact_reorganisation():
     assert _rel(_out(a, x), _out(b, x)) < TOL
 
 
-@pytest.mark.parametrize("name", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("name", RMS_MODELS + ["bert", "gpt2"])
 def test_dyt_replaces_every_site(name):
     model, result = normswap.convert(tiny_model(name), "dyt", calib_tokens=512)
     from normswap.modules import DyT
@@ -103,9 +103,18 @@ def test_dyt_replaces_every_site(name):
     assert all(s.method.startswith("calibrated") and s.alpha > 0 for s in result.record.sites)
 
 
-def test_rmsnorm_model_refuses_rmsnorm_target():
+@pytest.mark.parametrize("name", RMS_MODELS)
+def test_rmsnorm_model_refuses_rmsnorm_target(name):
     with pytest.raises(normswap.NormswapError, match="already uses RMSNorm"):
-        normswap.convert(tiny_model("llama"), "rmsnorm")
+        normswap.convert(tiny_model(name), "rmsnorm")
+
+
+def test_gemma_scale_is_one_plus_w():
+    """Gemma's norm multiplies by (1 + w): alpha-init DyT must keep that scale, not w."""
+    model = tiny_model("gemma")
+    w = model.model.layers[0].input_layernorm.weight.detach().clone()
+    model, _ = normswap.convert(model, "dyt", alpha_init=0.5, fold=False)
+    assert torch.allclose(model.model.layers[0].input_layernorm.weight, 1.0 + w)
 
 
 def test_unknown_target():

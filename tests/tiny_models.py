@@ -27,7 +27,11 @@ TINY: dict[str, tuple[str, dict, type]] = {
     "electra": ("electra", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, embedding_size=32), AutoModelForMaskedLM),
     "xlm-roberta": ("xlm-roberta", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, pad_token_id=1), AutoModelForMaskedLM),
     "llama": ("llama", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
+    "mistral": ("mistral", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
+    "qwen2": ("qwen2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
+    "gemma": ("gemma", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
 }
+RMS_MODELS = ["llama", "mistral", "qwen2", "gemma"]
 
 PRE_LN = ["gpt2", "gpt_neox", "gpt_neox-seq", "gptj", "opt", "opt-proj", "phi", "bloom", "falcon", "falcon-new", "falcon-seq", "vit"]
 POST_LN = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "opt-post"]
