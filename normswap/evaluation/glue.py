@@ -118,7 +118,8 @@ def _optimizer(model: nn.Module, s: GlueSettings, total_steps: int) -> tuple[tor
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 else decay).append(p)  # biases, norm weights, DyT alpha
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr,
+                            foreach=True)
     warmup = int(s.warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:
@@ -218,9 +219,11 @@ def load_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     try:
         try:
-            return load_pretrained(name_or_path, auto_class=auto, allow_new_head=True, num_labels=task.num_labels)
+            labels = task.labels or ("score",)
+            return load_pretrained(name_or_path, auto_class=auto, allow_new_head=True, num_labels=task.num_labels,
+                                   id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
         except TypeError as err:
-            if "num_labels" not in str(err):
+            if "unexpected keyword argument" not in str(err):
                 raise
             # load_pretrained passes `config=` to from_pretrained for plain models, so num_labels
             # reaches the model's __init__ instead of the config: set it on the config ourselves.
@@ -238,6 +241,8 @@ def _load_plain_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.M
     from normswap.loading import load_config
 
     config = load_config(name_or_path)
+    labels = task.labels or ("score",)
+    config.id2label, config.label2id = dict(enumerate(labels)), {v: k for k, v in enumerate(labels)}
     config.num_labels = task.num_labels
     torch.manual_seed(seed)
     try:
