@@ -10,7 +10,29 @@ import torch
 from torch import nn
 
 
-class RMSNorm(nn.Module):
+class _AffineNorm(nn.Module):
+    """Shared tail of the replacement norms: optional per-channel weight and bias, optional re-centring."""
+
+    def __init__(self, dim: int, weight: bool, bias: bool, recenter: bool):
+        super().__init__()
+        self.dim, self.recenter = dim, recenter
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        if self.recenter:
+            y = y - y.mean(-1, keepdim=True)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, weight={self.weight is not None}, bias={self.bias is not None}, recenter={self.recenter}"
+
+
+class RMSNorm(_AffineNorm):
     """y = w * x / sqrt(mean(x^2) + eps) + b, with optional w and b.
 
     On a zero-mean input this equals LayerNorm with the same eps, which is what makes the Pre-LN
@@ -18,53 +40,32 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, dim: int, eps: float, weight: bool = True, bias: bool = False, recenter: bool = False):
-        super().__init__()
-        self.dim, self.eps, self.recenter = dim, float(eps), recenter
-        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        super().__init__(dim, weight, bias, recenter)
+        self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        if self.recenter:
-            y = y - y.mean(-1, keepdim=True)
-        return y
+        return self._affine((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"{self.dim}, eps={self.eps}, weight={self.weight is not None}, "
-                f"bias={self.bias is not None}, recenter={self.recenter}")
+        return f"{super().extra_repr()}, eps={self.eps}"
 
 
-class DyT(nn.Module):
+class DyT(_AffineNorm):
     """Dynamic Tanh: y = w * tanh(alpha * x) + b, alpha a learnable scalar; w and b optional.
 
     No reduction over the hidden dimension at all: each element is transformed on its own.
     """
 
     def __init__(self, dim: int, alpha: float = 0.5, weight: bool = True, bias: bool = True, recenter: bool = False):
-        super().__init__()
-        self.dim, self.recenter = dim, recenter
+        super().__init__(dim, weight, bias, recenter)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
-        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.tanh(self.alpha.to(x.dtype) * x)
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        if self.recenter:
-            y = y - y.mean(-1, keepdim=True)
-        return y
+        return self._affine(torch.tanh(self.alpha.to(x.dtype) * x))
 
     def extra_repr(self) -> str:
-        return (f"{self.dim}, alpha={float(self.alpha):.4g}, weight={self.weight is not None}, "
-                f"bias={self.bias is not None}, recenter={self.recenter}")
+        return f"{super().extra_repr()}, alpha={float(self.alpha):.4g}"
 
 
 class CenteredEmbedding(nn.Embedding):
