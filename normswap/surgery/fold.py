@@ -2,28 +2,64 @@
 
 A reader y = W z + c of z = g * n + b computes y = (W diag(g)) n + (c + W b): the norm can drop
 g and b and the reader absorbs them. A reader without a bias gains one.
+
+`fold_tensors` is the plain-tensor maths, shared by the in-memory path (`fold_into_reader`) and
+the streaming path (`normswap.streaming`) so both give bit-identical results.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from normswap.surgery.centre import row_blocks
+
+
+@torch.no_grad()
+def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor | None, b: torch.Tensor | None,
+                 conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reader (weight, bias) after absorbing the norm's (g, b); `weight` is updated in place.
+
+    nn.Linear weight is [out, in] (y = W z + c); GPT-2's Conv1D is [in, out] (y = z @ W + c). A
+    reader without a bias gets a new one (in weight's dtype) when b is given. Arithmetic in float64;
+    nn.Linear weights are processed in row blocks (each output row is independent).
+    """
+    shift = None
+    if conv1d:
+        W = weight.double()
+        if b is not None:
+            shift = b.double() @ W
+        if g is not None:
+            weight.copy_((W * g.double()[:, None]).to(weight.dtype))
+        del W
+    else:
+        b64 = None if b is None else b.double()
+        g64 = None if g is None else g.double()
+        if b64 is not None:
+            shift = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
+        for rows in row_blocks(weight.shape[0], weight[0].numel() if weight.dim() else 1):
+            W = weight[rows].double()
+            if b64 is not None:
+                shift[rows] = W @ b64
+            if g64 is not None:
+                weight[rows] = (W * g64[None, :]).to(weight.dtype)
+    if shift is not None:
+        if bias is None:
+            bias = torch.zeros(shift.shape[0], dtype=weight.dtype, device=weight.device)
+        bias = (bias.double() + shift).to(bias.dtype)
+    return weight, bias
+
 
 @torch.no_grad()
 def fold_into_reader(reader: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Absorb `weight` (g) and `bias` (b) into `reader`; return True if a bias had to be created."""
     conv1d = type(reader).__name__ == "Conv1D"  # weight [in, out], y = z @ W + c
-    W = reader.weight.data.double()
+    old_bias = reader.bias
+    _, new_bias = fold_tensors(reader.weight.data, None if old_bias is None else old_bias.data, weight, bias, conv1d)
     created = False
-    if bias is not None:
-        b = bias.double()
-        shift = b @ W if conv1d else W @ b
-        if reader.bias is None:
-            reader.bias = nn.Parameter(torch.zeros(shift.shape[0], dtype=reader.weight.dtype, device=reader.weight.device))
+    if new_bias is not None:
+        if old_bias is None:
+            reader.bias = nn.Parameter(new_bias)
             created = True
-        reader.bias.data.copy_((reader.bias.data.double() + shift).to(reader.bias.dtype))
-    if weight is not None:
-        g = weight.double()
-        W = W * g[:, None] if conv1d else W * g[None, :]
-        reader.weight.data.copy_(W.to(reader.weight.dtype))
+        else:
+            old_bias.data.copy_(new_bias)
     return created
