@@ -22,6 +22,7 @@ from normswap.log import logger
 from normswap.record import ConversionRecord, apply_structure
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "normswap"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".index.json")
@@ -200,12 +201,24 @@ def _load_weights_strict(model: nn.Module, path: Path, *, allow_new_head: bool) 
     from safetensors.torch import load_file
 
     file = path / WEIGHTS_NAME
-    if not file.is_file():
+    index = path / WEIGHTS_INDEX_NAME
+    if file.is_file():
+        files = [file]
+    elif index.is_file():  # sharded (written by the streaming conversion)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise NormswapError(f"corrupt {index}") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        file = index
+    else:
         raise NormswapError(f"{path} has no {WEIGHTS_NAME}")
-    try:
-        state = load_file(str(file))
-    except Exception as err:
-        raise NormswapError(f"corrupt or truncated weights in {file}: {str(err).splitlines()[0][:200]}") from None
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as err:
+            raise NormswapError(f"corrupt or truncated weights in {f}: {str(err).splitlines()[0][:200]}") from None
     state = _match_prefix(model, state)
     own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     result = model.load_state_dict(state, strict=False)
@@ -261,12 +274,7 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         save_file(_unique_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "normswap": record.version})
-        cfg = model.config.to_dict()
-        cfg.pop("_normswap_source", None)
-        cfg["model_type"] = MODEL_TYPE
-        cfg["architectures"] = [record.architecture]
-        cfg["normswap"] = record.to_dict()
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        write_config(tmp, model.config, record)
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)
@@ -278,6 +286,16 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_config(folder: Path, config: Any, record: ConversionRecord) -> None:
+    """config.json of a converted checkpoint: the base config, model_type "normswap", the record."""
+    cfg = config.to_dict()
+    cfg.pop("_normswap_source", None)
+    cfg["model_type"] = MODEL_TYPE
+    cfg["architectures"] = [record.architecture]
+    cfg["normswap"] = record.to_dict()
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ def convert_cmd(
     verify: bool = typer.Option(False, "--verify", help="Compare original and converted on sample text; fail if an exact conversion is not."),
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify (default: built-in sample)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (rmsnorm, or dyt with --alpha-init; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
     fmt: OutputFormat = FORMAT_OPTION,
@@ -43,14 +44,20 @@ def convert_cmd(
         raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
     calib = read_text(calib_text) if calib_text is not None else None
     vtext = read_text(verify_text) if verify_text is not None else None
-    logger.info("converting %s -> %s", model, to)
-    converted, result = convert_model(
-        model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
-        alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
-    )
-    save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None, overwrite=overwrite)
+    stream = _use_streaming(model, to, alpha_init, low_memory, verify, revision, trust_remote_code)
+    logger.info("converting %s -> %s%s", model, to, " (streaming, low memory)" if stream else "")
+    if stream:
+        from normswap.streaming import stream_convert
+
+        result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite)
+    else:
+        converted, result = convert_model(
+            model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
+            alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
+        )
+        save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None, overwrite=overwrite)
     logger.info("saved %s", out)
-    data = result.to_json() | {"out": str(out)}
+    data = result.to_json() | {"out": str(out), "low_memory": stream}
     failed = verify and result.record.exact and (result.verification or {}).get("max_rel_diff", 0.0) > EXACT_TOLERANCE
     data["verified"] = None if not verify else not failed
     if fmt == OutputFormat.json:
@@ -59,6 +66,31 @@ def convert_cmd(
         _print_human(data)
     if failed:
         raise NormswapError(f"verification failed: relative logit difference {data['max_rel_diff']:.3g} > {EXACT_TOLERANCE:g} for an exact conversion")
+
+
+def _use_streaming(model: str, to: str, alpha_init: Optional[float], low_memory: bool, verify: bool,
+                   revision: Optional[str], trust_remote_code: bool) -> bool:
+    """--low-memory, or automatically: a local checkpoint over half the available memory whose
+    conversion needs no calibration and no comparison with the original."""
+    from normswap.log import logger
+    from normswap.streaming import available_memory, checkpoint_bytes, streamable
+
+    why = streamable(to, alpha_init)
+    if low_memory:
+        if why:
+            raise NormswapError(f"--low-memory: {why}")
+        if verify:
+            raise NormswapError("--low-memory cannot --verify: verification runs the original and converted models in memory")
+        if revision is not None or trust_remote_code:
+            raise NormswapError("--low-memory converts local checkpoint folders (no --revision, no --trust-remote-code)")
+        return True
+    if why or verify or revision is not None or trust_remote_code or not Path(model).is_dir():
+        return False
+    size, avail = checkpoint_bytes(model), available_memory()
+    if size > avail / 2:
+        logger.info("weights %.1f GB > half the available memory (%.1f GB): streaming conversion", size / 1e9, avail / 1e9)
+        return True
+    return False
 
 
 def _print_human(d: dict) -> None:

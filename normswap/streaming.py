@@ -1,0 +1,560 @@
+"""Streaming conversion: a (sharded) safetensors checkpoint converted tensor by tensor, without
+instantiating the model, so that peak memory is a small multiple of the largest tensor.
+
+Only conversions that need no calibration stream: `--to rmsnorm` (exact for Pre-LN LayerNorm
+families, with or without folding; approximate elsewhere) and `--to dyt --alpha-init X`.
+
+How:
+1. the model is built on the meta device (no memory) from the saved config, and the same plan as
+   the in-memory path is made on it (`archs.plan.build_plan`), including the structural decisions
+   (tied head, which sites fold, which readers gain a bias): the conversion record is computed on
+   the meta model by the same code as `normswap.convert`;
+2. the converted structure is applied to the meta model; its state dict lists the output tensors
+   (names, shapes, dtypes) in the order `normswap.save` writes them;
+3. each output tensor is computed from the source tensors it depends on (a writer's own weight, a
+   reader's weight and bias plus its norms' small g and b vectors), read with plain file reads
+   (no mmap: mapped pages would count towards the process's resident memory), with the float64
+   maths of `surgery.centre` / `surgery.fold` (the same functions as the in-memory path, so the
+   result is bit-identical), and written straight into its output shard, whose safetensors header
+   is known in advance.
+
+The output folder is what `normswap.save` writes for the in-memory conversion (same tensors, same
+config.json and record), except that checkpoints above `max_shard_size` are split into
+`model-0000i-of-0000n.safetensors` shards with a `model.safetensors.index.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.log import logger
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+INDEX_NAME = "model.safetensors.index.json"
+
+
+# ------------------------------------------------------------------------------------ safetensors I/O
+
+
+class SafetensorsReader:
+    """Tensors of one or more safetensors files, read one at a time with plain reads."""
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # key -> (file, data start, header entry)
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    n = struct.unpack("<Q", fh.read(8))[0]
+                    if n > 100_000_000:
+                        raise ValueError("header too large")
+                    header = json.loads(fh.read(n))
+                size = f.stat().st_size
+            except (OSError, ValueError, struct.error) as err:
+                raise NormswapError(f"corrupt or truncated weights in {f}: {err}") from None
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                start, end = entry["data_offsets"]
+                if entry["dtype"] not in _DTYPES or 8 + n + end > size:
+                    raise NormswapError(f"corrupt or truncated weights in {f}: tensor {key}")
+                self.entries[key] = (f, 8 + n, entry)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self.entries[key][2]["dtype"]]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.entries[key][2]["shape"])
+
+    def nbytes(self, key: str) -> int:
+        start, end = self.entries[key][2]["data_offsets"]
+        return end - start
+
+    def get(self, key: str) -> torch.Tensor:
+        f, base, entry = self.entries[key]
+        start, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        if end > start:
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            with open(f, "rb", buffering=0) as fh:
+                fh.seek(base + start)
+                got = fh.readinto(memoryview(buf))
+            if got != end - start:
+                raise NormswapError(f"corrupt or truncated weights in {f}: tensor {key}")
+        return t
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (through its index when sharded)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise NormswapError(f"corrupt {index}") from None
+        return [folder / f for f in dict.fromkeys(weight_map.values())]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise NormswapError(f"{folder} has no weights (no *.safetensors file)")
+    return files
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Size on disk of a checkpoint folder's weights (0 if it has none)."""
+    try:
+        return sum(f.stat().st_size for f in checkpoint_files(Path(folder)))
+    except (NormswapError, OSError):
+        return 0
+
+
+def available_memory() -> int:
+    """MemAvailable in bytes (Linux); a large number where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardWriter:
+    """Writes a planned list of tensors into safetensors shards, tensor by tensor, in plan order."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, list[int], torch.dtype]], max_shard_bytes: int, metadata: dict[str, str]):
+        self.folder, self.metadata = folder, metadata
+        shards: list[list[tuple[str, list[int], torch.dtype]]] = [[]]
+        size = 0
+        for item in plan:
+            n = _numel(item[1]) * _itemsize(item[2])
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(item)
+            size += n
+        self.shards = shards
+        count = len(shards)
+        self.names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.total = sum(_numel(s) * _itemsize(d) for _, s, d in plan)
+        self._shard = -1
+        self._pos = 0
+        self._fh = None
+
+    def __iter__(self) -> Iterator[tuple[str, list[int], torch.dtype]]:
+        for i, shard in enumerate(self.shards):
+            self._open(i)
+            for item in shard:
+                yield item
+            self._close()
+
+    def _open(self, i: int) -> None:
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        offset = 0
+        for key, shape, dtype in self.shards[i]:
+            n = _numel(shape) * _itemsize(dtype)
+            header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.folder / self.names[i], "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._shard, self._pos = i, 0
+
+    def write(self, key: str, t: torch.Tensor) -> None:
+        want_key, shape, dtype = self.shards[self._shard][self._pos]
+        if key != want_key or list(t.shape) != list(shape) or t.dtype != dtype:
+            raise RuntimeError(f"streaming writer: got {key} {tuple(t.shape)} {t.dtype}, planned {want_key} {tuple(shape)} {dtype}")
+        if t.numel():
+            self._fh.write(_tensor_bytes(t))
+        self._pos += 1
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            if self._pos != len(self.shards[self._shard]):
+                raise RuntimeError("streaming writer: shard closed before all its tensors were written")
+            self._fh.close()
+            self._fh = None
+
+    def write_index(self) -> None:
+        if len(self.names) > 1:
+            weight_map = {key: self.names[i] for i, shard in enumerate(self.shards) for key, _, _ in shard}
+            (self.folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def streamable(to: str, alpha_init: float | None) -> str | None:
+    """Why a conversion cannot stream (None if it can)."""
+    if to == "dyt" and alpha_init is None:
+        return "DyT calibration runs the model on data (use --alpha-init for a streamable DyT conversion)"
+    return None
+
+
+@dataclass
+class _Plan:
+    """Everything needed to compute the output tensors from the source tensors."""
+
+    source_key: dict[str, str]  # original model parameter name (any alias) -> key in the source files
+    centre: dict[str, dict[str, int]] = field(default_factory=dict)  # writer path -> {attr: dim}
+    folds: dict[str, list[str]] = field(default_factory=dict)  # reader path -> site paths folded into it, in order
+    conv1d: set[str] = field(default_factory=set)
+    sites: dict[str, Any] = field(default_factory=dict)  # site path -> (Site, SiteRecord, old class name, has g, has b)
+    float_dtype: torch.dtype = torch.float32
+
+
+def _meta_model(config: Any, cls: Any) -> nn.Module:
+    with torch.device("meta"):
+        model = cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
+    return model.eval()
+
+
+def _key_renamer(model: nn.Module):
+    """Checkpoint key -> model parameter name, as transformers' from_pretrained renames on loading
+    (legacy names such as GPT-NeoX's `embed_out`, a missing or extra base-model prefix)."""
+    state = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", "") or None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers version: names as stored
+        renamings = converters = None
+
+    def rename(key: str) -> str:
+        if renamings is None:
+            if key in state or not prefix:
+                return key
+            if key.startswith(prefix + ".") and key[len(prefix) + 1:] in state:
+                return key[len(prefix) + 1:]
+            return f"{prefix}.{key}" if f"{prefix}.{key}" in state else key
+        new, converter = rename_source_key(key, renamings, converters, prefix, state)
+        if converter is not None:
+            raise NormswapError(f"checkpoint tensor {key} needs transformers' weight conversion on loading (cannot stream it)")
+        return new
+
+    return rename
+
+
+def _match_source_keys(model: nn.Module, reader: SafetensorsReader) -> dict[str, str]:
+    """Original parameter names -> source keys; tied parameters map all their names to the one stored."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names_by_param.setdefault(id(p), []).append(name)
+    persistent = set(model.state_dict(keep_vars=True))
+    rename = _key_renamer(model)
+    stored: dict[str, str] = {}  # model name -> file key
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = []
+    for key in reader.keys():
+        name = rename(key)
+        if name in persistent:
+            stored[name] = key
+        elif not any(r.search(key) for r in ignore):
+            unexpected.append(key)
+    if unexpected:
+        raise NormswapError(f"checkpoint has {len(unexpected)} tensor(s) {type(model).__name__} does not, e.g. {sorted(unexpected)[0]} (cannot stream it)")
+    mapping: dict[str, str] = {}
+    missing = []
+    for names in names_by_param.values():
+        names = [n for n in names if n in persistent]
+        if not names:
+            continue
+        found = next((stored[n] for n in names if n in stored), None)
+        if found is None:
+            missing.append(names[0])
+            continue
+        for n in names:
+            mapping[n] = found
+    if missing:
+        raise NormswapError(f"checkpoint lacks {len(missing)} tensor(s) of {type(model).__name__}, e.g. {missing[0]} (cannot stream it)")
+    return mapping
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+def stream_convert(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str = "rmsnorm",
+    *,
+    fold: bool = True,
+    tied_head: str = "auto",
+    alpha_init: float | None = None,
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_SHARD_BYTES,
+    copy_aux: bool = True,
+    save_tokenizer: bool = True,
+) -> Any:
+    """Convert the checkpoint folder `source` into `out` without loading it; returns a ConversionResult.
+
+    Same tensors and conversion record as `normswap.convert(source, to, fold=..., tied_head=...)`
+    followed by `normswap.save`, for the conversions that need no calibration (see `streamable`).
+    """
+    from normswap import __version__
+    from normswap.conversion import TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, _sites_to_convert
+    from normswap.loading import _architecture_class, _check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
+    from normswap.archs.plan import build_plan
+    from normswap.record import ConversionRecord
+
+    t0 = time.perf_counter()
+    if to not in TARGETS:
+        raise NormswapError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
+    if tied_head not in TIED_HEAD_CHOICES:
+        raise NormswapError(f"unknown --tied-head {tied_head!r}: choose one of {', '.join(TIED_HEAD_CHOICES)}")
+    why = streamable(to, alpha_init)
+    if why:
+        raise NormswapError(f"cannot convert with low memory: {why}")
+    src = _check_source(str(source))
+    if src is None:
+        raise NormswapError(f"low-memory conversion needs a local model folder, not a Hub id ({source})")
+    if is_converted(src):
+        raise NormswapError(f"{source} is already a normswap checkpoint: streaming converts plain checkpoints only")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
+
+    config = load_config(str(source))
+    config.dtype = torch.float32  # as load_pretrained's from_pretrained(dtype=float32) leaves it
+    cls = _architecture_class(config)
+    model = _meta_model(config, cls)
+    reader = SafetensorsReader(checkpoint_files(src))
+    source_key = _match_source_keys(model, reader)
+
+    # -- the decisions, by the in-memory code on the meta model ------------------------------------
+    plan = build_plan(model)
+    warnings: list[str] = []
+    sites = _sites_to_convert(model, plan, to)
+    if plan.family is None:
+        warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and nothing is exact")
+    if plan.other_norms:
+        warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
+    centre = plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+    record = ConversionRecord(
+        target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
+        family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
+        source={"model": str(source), "revision": None}, version=__version__,
+    )
+    sp = _Plan(source_key)
+    with torch.no_grad():
+        if centre:
+            from normswap.surgery.centre import writer_dims, writer_target
+
+            # On meta tensors this only changes structure: untie the head, mark centred lookups.
+            record.tied_head = _centre_stream(model, plan, tied_head, record)
+            for path in plan.embed_writers + plan.writers:
+                if record.tied_head == "center-embed" and path == plan.tied_embedding:
+                    continue
+                target = writer_target(model, path)
+                if isinstance(target, nn.Parameter):
+                    sp.centre[path] = {"": -1}
+                else:
+                    sp.centre[path] = writer_dims(target)
+        _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp, _fold_blocker)
+    record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
+    if record.tied_head == "untie":
+        model.config.tie_word_embeddings = False
+
+    # -- output tensors: the converted meta model's state dict, each tensor once -------------------
+    out_plan: list[tuple[str, list[int], torch.dtype]] = []
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out_plan.append((name, list(t.shape), t.dtype))
+
+    tokenizer = load_tokenizer(str(src)) if save_tokenizer else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if copy_aux:
+            _copy_aux_files(src, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        writer = ShardWriter(tmp, out_plan, max_shard_size, {"format": "pt", "normswap": record.version})
+        compute = _Computer(model, reader, sp)
+        for key, _, dtype in writer:
+            writer.write(key, compute(key, dtype))
+        writer.write_index()
+        write_config(tmp, model.config, record)
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = ConversionResult(record, time.perf_counter() - t0, warnings, tokenizer=tokenizer, source=str(source))
+    logger.info("streamed %s -> %s: %d tensors in %d shard(s)", source, out, len(out_plan), len(writer.names))
+    return result
+
+
+def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _Plan, fold_blocker) -> None:
+    """The in-memory `_convert_sites` decisions for calibration-free targets, applied to the meta model."""
+    from normswap.modules import DyT, RMSNorm
+    from normswap.record import SiteRecord
+    from normswap.surgery.paths import get_module, set_module
+
+    for site in sites:
+        old = get_module(model, site.path)
+        has_g = getattr(old, "weight", None) is not None
+        has_b = getattr(old, "bias", None) is not None
+        recenter = centre and site.placement == "embed"
+        if to == "rmsnorm":
+            exact = centre and site.kind == "layernorm"
+            method = "exact" if exact else "approximate"
+            w, b = has_g, has_b
+        else:
+            exact, method = False, "alpha-init"
+            w = b = True
+        folded = False
+        if fold:
+            blocker = fold_blocker(site, plan, model, record.tied_head)
+            if blocker is None:
+                for r in site.readers:
+                    mod = get_module(model, r)
+                    if type(mod).__name__ == "Conv1D":
+                        sp.conv1d.add(r)
+                    sp.folds.setdefault(r, []).append(site.path)
+                    if b and mod.bias is None:
+                        mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device="meta"))
+                        record.new_biases.append(r)
+                folded = True
+                w = b = False
+            else:
+                record.unfolded[site.path] = blocker
+        with torch.device("meta"):
+            if to == "rmsnorm":
+                new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=w, bias=b, recenter=recenter)
+            else:
+                new = DyT(site.dim, alpha=alpha_init, weight=w, bias=b, recenter=recenter)
+        set_module(model, site.path, new)
+        alpha = float(torch.tensor(float(alpha_init), dtype=torch.float32)) if to == "dyt" else None
+        rec = SiteRecord(
+            path=site.path, placement=site.placement, type=to, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
+            weight=w, bias=b, recenter=recenter, folded=folded, exact=exact, method=method, alpha=alpha,
+        )
+        record.sites.append(rec)
+        sp.sites[site.path] = (site, rec, type(old).__name__, has_g, has_b)
+
+
+class _Computer:
+    """Computes each output tensor from the source tensors."""
+
+    def __init__(self, model: nn.Module, reader: SafetensorsReader, sp: _Plan):
+        self.reader, self.sp = reader, sp
+        self.pending: dict[str, torch.Tensor] = {}  # second tensor of a group computed together (a bias)
+        self.affines: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.alpha: dict[str, float] = {p: rec.alpha for p, (_, rec, *_r) in sp.sites.items() if rec.alpha is not None}
+        self.had_bias = {n for n in sp.source_key if n.endswith(".bias")}
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.reader.get(self.sp.source_key[name])
+        if t.is_floating_point() and (dtype or self.sp.float_dtype) != t.dtype:
+            t = t.to(dtype or self.sp.float_dtype)
+        return t
+
+    def affine(self, site: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The norm's (g, b) as an explicit scale (Gemma-style norms store w with scale 1 + w)."""
+        if site not in self.affines:
+            _, _, kind, has_g, has_b = self.sp.sites[site]
+            g = self.load(site + ".weight") if has_g else None
+            if g is not None and kind.startswith("Gemma"):
+                g = 1.0 + g
+            b = self.load(site + ".bias") if has_b else None
+            self.affines[site] = (g, b)
+        return self.affines[site]
+
+    def __call__(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending.pop(key)
+        path, _, attr = key.rpartition(".")
+        sp = self.sp
+        if path in sp.sites:
+            site, rec, *_ = sp.sites[path]
+            g, b = self.affine(path)
+            if attr == "alpha":
+                return torch.tensor(self.alpha[path], dtype=dtype)
+            if attr == "weight":
+                return (g if g is not None else torch.ones(site.dim)).to(dtype).clone()
+            return (b if b is not None else torch.zeros(site.dim)).to(dtype).clone()
+        if key in sp.centre and "" in sp.centre[key]:  # a bare parameter writer (ViT's CLS token)
+            from normswap.surgery.centre import centre_tensor_
+
+            t = self.load(key, dtype)
+            centre_tensor_(t, -1)
+            return t
+        if attr in ("weight", "bias") and (path in sp.centre or path in sp.folds):
+            weight, bias = self._group(path, dtype)
+            if attr == "weight":
+                if bias is not None:
+                    self.pending[path + ".bias"] = bias
+                return weight
+            return bias
+        return self.load(key, dtype)
+
+    def _group(self, path: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A writer and/or reader linear: centred first (all writers are centred before any fold),
+        then each of its norms folded in, in site order (as `normswap.convert` does)."""
+        from normswap.surgery.centre import centre_tensor_
+        from normswap.surgery.fold import fold_tensors
+
+        sp = self.sp
+        weight = self.load(path + ".weight", dtype)
+        bias = self.load(path + ".bias", dtype) if path + ".bias" in self.had_bias else None
+        for attr, dim in sp.centre.get(path, {}).items():
+            centre_tensor_(weight if attr == "weight" else bias, dim)
+        for site in sp.folds.get(path, []):
+            g, b = self.affine(site)
+            _, rec, *_ = sp.sites[site]
+            if rec.type == "dyt":  # DyT's affine defaults to (1, 0) where the norm had none
+                _, _, _, has_g, has_b = sp.sites[site]
+                g = g if has_g else torch.ones(rec.dim)
+                b = b if has_b else torch.zeros(rec.dim)
+            weight, bias = fold_tensors(weight, bias, g, b, path in sp.conv1d)
+        return weight, bias
