@@ -16,6 +16,8 @@ from normswap.commands import convert as _convert
 from normswap.commands import eval as _eval
 from normswap.commands import finetune as _finetune
 from normswap.commands import inspect as _inspect
+from normswap.commands import push as _push
+from normswap.commands import recipe as _recipe
 from normswap.errors import NormswapError
 from normswap.log import setup_logging
 
@@ -48,7 +50,7 @@ def _root(
         transformers.utils.logging.set_verbosity_error()
 
 
-for _module in (_inspect, _convert, _eval, _finetune):
+for _module in (_inspect, _convert, _eval, _finetune, _recipe, _push):
     _module.register(app)
 
 

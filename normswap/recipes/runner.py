@@ -1,0 +1,297 @@
+"""Running a validated recipe: every job's stages, in order, each into its own folder, resumable.
+
+Run folder layout (`<output_dir>/<recipe name>/`):
+
+    recipe.yaml          the recipe file as given          resolved.yaml  after overrides and paths
+    run.log              normswap's log of every run        results.json   all figures + provenance
+    report.md            tables and plots                   deltas.png, loss_curves.png
+    <job>/convert/       the converted checkpoint           <job>/convert.json   what conversion did
+    <job>/finetune/      the recovered checkpoint, train_log.jsonl, loss_curve.png, checkpoints
+    <job>/eval/<role>/   results.json, predictions/ (role: original, converted, recovered)
+    <job>/stages.json    completed stages and their fingerprints
+    <job>/results.json   the job's figures (read by `normswap push` for the model card)
+
+A stage is complete when `stages.json` holds it with the fingerprint of its current settings and
+inputs (which include the fingerprints of the stages before it). Re-running the recipe skips
+complete stages, re-runs changed ones and everything after them, and continues an interrupted
+fine-tuning from its last checkpoint; `force=True` runs everything again.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from normswap.errors import NormswapError
+from normswap.log import logger
+from normswap.recipes.schema import Job, Recipe
+
+STATE_FILE = "stages.json"
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Copy normswap's log records into the run's log file (stderr keeps its own handler)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_level = logger.level
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(old_level)
+
+
+class _State:
+    """The job's stages.json: which stages are complete, with which fingerprint."""
+
+    def __init__(self, job_dir: Path):
+        self.path = job_dir / STATE_FILE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def done(self, stage: str, fp: str) -> dict[str, Any] | None:
+        entry = self.data.get(stage)
+        return entry if entry and entry.get("fingerprint") == fp else None
+
+    def mark(self, stage: str, fp: str, seconds: float, summary: dict[str, Any]) -> None:
+        self.data[stage] = {"fingerprint": fp, "seconds": round(seconds, 2), "summary": summary,
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = self.path.with_name("." + self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+    def forget(self, stage: str) -> None:
+        self.data.pop(stage, None)
+
+
+def run_dir_of(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
+    return Path(output_dir if output_dir is not None else recipe.output_dir) / recipe.name
+
+
+def run_recipe(recipe: Recipe, *, output_dir: str | Path | None = None, force: bool = False,
+               jobs: list[str] | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Run every job of `recipe` (or the named `jobs`); returns the run's results dict."""
+    from normswap.recipes.report import write_report, write_results
+
+    selected = recipe.jobs
+    if jobs:
+        unknown = [j for j in jobs if j not in {x.name for x in recipe.jobs}]
+        if unknown:
+            raise NormswapError(f"no job {unknown[0]!r} in {recipe.path} (jobs: {', '.join(j.name for j in recipe.jobs)})")
+        selected = [j for j in recipe.jobs if j.name in jobs]
+    run_dir = run_dir_of(recipe, output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NormswapError(f"cannot create run folder {run_dir}: {err.strerror}") from None
+    t0 = time.perf_counter()
+    shutil.copyfile(recipe.path, run_dir / "recipe.yaml")
+    (run_dir / "resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    outcomes: list[dict[str, Any]] = []
+    with _log_to(run_dir / "run.log"):
+        logger.info("recipe %s: %d job(s) -> %s%s", recipe.path, len(selected), run_dir, " (--force)" if force else "")
+        if recipe.overrides:
+            logger.info("overrides: %s", " ".join(recipe.overrides))
+        for job in selected:
+            outcomes.append(run_job(job, run_dir, force=force, progress=progress))
+        wall = time.perf_counter() - t0
+        results = write_results(recipe, run_dir, outcomes, wall)
+        report = write_report(recipe, run_dir, results)
+        logger.info("report: %s (%.1f s)", report, wall)
+    results["report"] = str(report)
+    return results
+
+
+def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """One job's stages; returns {name, model, target, stages: {stage: summary}, evals: {role: results}}."""
+    from normswap.recipes.report import job_results
+
+    job_dir = run_dir / job.name
+    job_dir.mkdir(parents=True, exist_ok=True)
+    state = _State(job_dir)
+    models: dict[str, str] = {"original": job.model}
+    summaries: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    upstream = fingerprint({"model": job.model})
+    role_fp = {"original": upstream}  # the fingerprint of the stage that made each model
+    skipped: list[str] = []
+
+    for stage in job.stages:
+        cfg = getattr(job, stage).model_dump(mode="json")
+        fp = fingerprint({"stage": stage, "config": cfg, "upstream": upstream})
+        if stage == "convert":
+            out = job_dir / "convert"
+            entry = None if force else state.done(stage, fp)
+            if entry is None or not (out / "config.json").is_file():
+                state.forget(stage)
+                t = time.perf_counter()
+                summary = _convert(job, out, job_dir / "convert.json")
+                state.mark(stage, fp, time.perf_counter() - t, summary)
+                entry = state.data[stage]
+            else:
+                skipped.append(stage)
+            models["converted"] = str(out)
+            role_fp["converted"] = fp
+        elif stage == "finetune":
+            out = job_dir / "finetune"
+            entry = None if force else state.done(stage, fp)
+            if entry is None or not (out / "config.json").is_file():
+                state.forget(stage)
+                t = time.perf_counter()
+                summary = _finetune(job, models.get("converted", job.model), out, force=force, progress=progress)
+                state.mark(stage, fp, time.perf_counter() - t, summary)
+                entry = state.data[stage]
+            else:
+                skipped.append(stage)
+            models["recovered"] = str(out)
+            role_fp["recovered"] = fp
+        else:  # eval: one sub-stage per model, so an interrupted evaluation keeps what it finished
+            evals: dict[str, Any] = {}
+            t_eval = 0.0
+            for role in job.eval.models:
+                if role not in models:
+                    continue
+                key = f"eval:{role}"
+                rfp = fingerprint({"stage": key, "config": cfg, "upstream": role_fp[role]})
+                entry = None if force else state.done(key, rfp)
+                res_file = job_dir / "eval" / role / "results.json"
+                if entry is None or not res_file.is_file():
+                    state.forget(key)
+                    t = time.perf_counter()
+                    res = _evaluate(job, role, models[role], job_dir / "eval" / role, run_dir, force=force, progress=progress)
+                    state.mark(key, rfp, time.perf_counter() - t, {"results": str(res_file)})
+                    entry = state.data[key]
+                else:
+                    skipped.append(key)
+                    res = json.loads(res_file.read_text())["results"]
+                evals[role] = res
+                t_eval += entry["seconds"]
+            summaries["eval"] = evals
+            timings["eval"] = t_eval
+            continue
+        summaries[stage] = entry["summary"]
+        timings[stage] = entry["seconds"]
+        upstream = fp
+    if skipped:
+        logger.info("job %s: skipped complete stage(s) %s (use --force to redo)", job.name, ", ".join(skipped))
+    return job_results(job, job_dir, models, summaries, timings, skipped)
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
+    from normswap.conversion import convert_model
+    from normswap.loading import save
+    from normswap.samples import read_text
+
+    c = job.convert
+    logger.info("job %s: convert %s -> %s", job.name, job.model, c.to)
+    model, result = convert_model(
+        job.model, c.to, fold=c.fold, tied_head=c.tied_head,
+        calib_text=read_text(c.calib_text) if c.calib_text else None, calib_tokens=c.calib_tokens,
+        sequential=c.sequential, alpha_init=c.alpha_init, verify=c.verify,
+        verify_text=read_text(c.verify_text) if c.verify_text else None, revision=c.revision,
+        trust_remote_code=c.trust_remote_code,
+    )
+    save(model, out, result.record, tokenizer=result.tokenizer, copy_from=job.model if Path(job.model).is_dir() else None,
+         overwrite=True)
+    data = result.to_json() | {"out": str(out)}
+    info_file.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    errs = [s["calib_rel_error"] for s in data["sites"] if "calib_rel_error" in s]
+    return {"target": c.to, "exact": data["exact"], "sites": len(data["sites"]), "folded": sum(s["folded"] for s in data["sites"]),
+            "max_rel_diff": data.get("max_rel_diff"), "max_abs_diff": data.get("max_abs_diff"),
+            "calib_rel_error_mean": sum(errs) / len(errs) if errs else None, "tied_head": data["tied_head"],
+            "warnings": data["warnings"], "seconds": data["seconds"]}
+
+
+def _finetune(job: Job, student: str, out: Path, *, force: bool, progress: bool | None) -> dict[str, Any]:
+    from normswap.training import finetune
+    from normswap.training.objectives import parse_objective
+
+    f = job.finetune
+    cfg = f.train_config()
+    weights = parse_objective(cfg.objective)
+    teacher = None
+    if f.teacher is not None and (weights.get("distill", 0) > 0 or cfg.progressive):
+        teacher = job.model if f.teacher == "original" else f.teacher
+    resume = not force and (out / "checkpoints").is_dir() and not (out / "config.json").is_file()
+    logger.info("job %s: finetune %s (%s%s) on %s%s", job.name, student, cfg.objective,
+                f", teacher {teacher}" if teacher else "", f.data, ", resuming" if resume else "")
+    result = None
+    if resume:
+        try:
+            result = finetune(student, data=f.data, out=out, teacher=teacher, config=cfg, resume=True)
+        except NormswapError as err:
+            logger.info("job %s: cannot resume (%s); starting over", job.name, err)
+    if result is None:
+        result = finetune(student, data=f.data, out=out, teacher=teacher, config=cfg, overwrite=True)
+    if result.status == "interrupted":
+        raise NormswapError(f"job {job.name}: fine-tuning interrupted at step {result.step}; run the recipe again to resume")
+    return {"objective": cfg.objective, "teacher": teacher, "status": result.status, "steps": result.step,
+            "total_steps": result.total_steps, "tokens": result.tokens, "train_seconds": round(result.train_seconds, 1),
+            "tokens_per_second": round(result.tokens_per_second, 1), "last_loss": result.last_loss, "val": result.val,
+            "loss_curve": str(out / "loss_curve.png") if (out / "loss_curve.png").is_file() else None}
+
+
+def _evaluate(job: Job, role: str, model: str, out: Path, run_dir: Path, *, force: bool, progress: bool | None) -> dict[str, Any]:
+    """Evaluate one model alone (deltas are taken later, against the original's figures). The
+    original's figures are shared between the jobs of a run that evaluate it the same way."""
+    from normswap.evaluation.results import write_json
+    from normswap.evaluation.runner import run_eval
+
+    req = eval_request(job, model, out, progress)
+    cache = run_dir / ".cache" / f"original-{fingerprint({'model': model, 'eval': job.eval.model_dump(mode='json', exclude={'models'})})}"
+    if role == "original" and not force and (cache / "results.json").is_file():
+        logger.info("job %s: original %s already evaluated in this run; reusing %s", job.name, model, cache)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(cache, out)
+        return json.loads((out / "results.json").read_text())["results"]
+    logger.info("job %s: evaluate %s (%s)", job.name, role, model)
+    if out.exists():
+        shutil.rmtree(out)
+    res = run_eval(req)
+    if not (out / "results.json").is_file():  # run_eval writes it; keep the contract explicit
+        write_json(out / "results.json", {"results": res})
+    if role == "original":
+        if cache.exists():
+            shutil.rmtree(cache)
+        shutil.copytree(out, cache)
+    return res
+
+
+def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) -> Any:
+    from normswap.evaluation.glue import GlueSettings
+    from normswap.evaluation.runner import EvalRequest
+
+    e = job.eval
+    req = EvalRequest(model=model, baseline=None, out=str(out), progress=progress)
+    if e.ppl:
+        req.ppl, req.max_length, req.stride, req.max_tokens = e.ppl.data, e.ppl.max_length, e.ppl.stride, e.ppl.max_tokens
+        req.pseudo_ppl, req.mlm_probability, req.mask_seed, req.ppl_batch_size = e.ppl.pseudo, e.ppl.mlm_probability, e.ppl.mask_seed, e.ppl.batch_size
+    if e.sts:
+        req.sts, req.sts_batch_size = e.sts.data, e.sts.batch_size
+    if e.glue:
+        g = e.glue
+        req.glue, req.glue_data, req.dev_samples = ",".join(g.tasks), g.data, g.dev_samples
+        req.glue_settings = GlueSettings(train_samples=g.train_samples, epochs=g.epochs, lr=g.lr, batch_size=g.batch_size,
+                                         max_seq_length=g.max_seq_length, seeds=g.seeds, warmup_ratio=g.warmup_ratio,
+                                         weight_decay=g.weight_decay, data_seed=g.data_seed)
+    return req

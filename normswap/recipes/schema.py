@@ -1,0 +1,405 @@
+"""The recipe file format: YAML read with line numbers, checked with pydantic before anything runs.
+
+A recipe is a list of *jobs*. Each job takes one model through the stages `convert`, `finetune` and
+`eval` (any subset, in that order). Keys at the top of the file are defaults for every job; the
+entries of `runs:` add to or replace them (deep merge), so a recipe with one model needs no `runs:`
+at all, and one with several models or targets lists them under `runs:`:
+
+    name: quickstart
+    stages: [convert, eval]
+    eval: {ppl: {data: ${assets}/wikitext2-tokenized/valid.txt, max_tokens: 8192}}
+    runs:
+      - {name: gpt2-rms, model: ${assets}/gpt2-standin-wt2, convert: {to: rmsnorm}}
+      - {name: gpt2-dyt, model: ${assets}/gpt2-standin-wt2, convert: {to: dyt}}
+
+Every mapping is closed (`extra="forbid"`): an unknown or mistyped key is an error that names the
+key, the file and the line (found from PyYAML's node marks), with a suggestion when one is close.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from normswap.errors import NormswapError
+from normswap.training.config import TrainConfig, parse_count
+
+STAGES = ("convert", "finetune", "eval")
+ROLES = ("original", "converted", "recovered")
+JOB_KEYS = ("name", "model", "stages") + STAGES
+
+
+class RecipeError(NormswapError):
+    """A recipe that cannot run: bad file, bad key, bad value, bad override."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+class ConvertStage(_Strict):
+    """`normswap convert` settings (see `normswap.conversion.convert_model`)."""
+
+    to: Literal["rmsnorm", "dyt"]
+    fold: bool = True
+    tied_head: Literal["auto", "center-embed", "untie"] = "auto"
+    calib_text: Optional[str] = None
+    calib_tokens: int = Field(4096, gt=0)
+    sequential: bool = True
+    alpha_init: Optional[float] = None
+    verify: bool = True
+    verify_text: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class _FinetuneBase(_Strict):
+    """`normswap finetune` settings: the data, the teacher, and every field of TrainConfig."""
+
+    data: str
+    teacher: Optional[str] = "original"  # "original": the job's source model; null: no teacher
+
+    @field_validator("tokens", "steps", mode="before", check_fields=False)
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return parse_count(v)
+            except NormswapError as err:
+                raise ValueError(str(err)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> "_FinetuneBase":
+        cfg = TrainConfig.from_dict(self.model_dump())
+        try:
+            cfg.check()
+        except NormswapError as err:
+            raise ValueError(str(err).replace("--", "")) from None
+        return self
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.model_dump())
+
+
+def _finetune_model() -> type[_FinetuneBase]:
+    """FinetuneStage with one field per TrainConfig field, so the two cannot drift apart."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        tp = hints[f.name]
+        if f.name in ("steps", "tokens"):
+            tp = Optional[Union[int, str]]  # "5M" and the like, parsed by the validator
+        fields[f.name] = (tp, f.default)
+    return create_model("FinetuneStage", __base__=_FinetuneBase, **fields)
+
+
+FinetuneStage = _finetune_model()
+
+
+class PplEval(_Strict):
+    """Perplexity (causal sliding window, or masked-LM loss for encoders with an MLM head)."""
+
+    data: str
+    max_length: Optional[int] = Field(None, ge=2)
+    stride: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=2)
+    batch_size: int = Field(8, ge=1)
+    pseudo: bool = False
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mask_seed: int = 0
+
+
+class StsEval(_Strict):
+    """Zero-shot STS-B: Spearman of the cosine similarity of pooled embeddings."""
+
+    data: str
+    batch_size: int = Field(64, ge=1)
+
+
+class GlueEval(_Strict):
+    """GLUE fine-tuning of a classification head per task and seed (same settings for every model)."""
+
+    tasks: list[str] = Field(min_length=1)
+    data: str
+    train_samples: Optional[int] = Field(None, ge=1)
+    dev_samples: Optional[int] = Field(None, ge=1)
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_seq_length: int = Field(128, ge=8)
+    seeds: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    data_seed: int = 0
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from normswap.evaluation.glue_data import parse_tasks
+
+        try:
+            parse_tasks(",".join(v))
+        except NormswapError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+
+class EvalStage(_Strict):
+    """Which evaluations, on which models: original (the job's model), converted, recovered (fine-tuned)."""
+
+    ppl: Optional[PplEval] = None
+    sts: Optional[StsEval] = None
+    glue: Optional[GlueEval] = None
+    models: list[Literal["original", "converted", "recovered"]] = Field(default_factory=lambda: list(ROLES))
+
+    @model_validator(mode="after")
+    def _something(self) -> "EvalStage":
+        if not (self.ppl or self.sts or self.glue):
+            raise ValueError("eval needs at least one of ppl, sts, glue")
+        return self
+
+
+class Job(_Strict):
+    """One model through its stages (after merging the recipe's defaults into the `runs:` entry)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str
+    stages: list[str]
+    convert: Optional[ConvertStage] = None
+    finetune: Optional[FinetuneStage] = None  # type: ignore[valid-type]
+    eval: Optional[EvalStage] = None
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if not isinstance(v, list):
+            return v
+        for s in v:
+            if s not in STAGES:
+                close = difflib.get_close_matches(str(s), STAGES, n=1)
+                raise ValueError(f"unknown stage {s!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; stages are {', '.join(STAGES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a stage is listed twice: {v}")
+        if not v:
+            raise ValueError("no stages to run")
+        if list(v) != [s for s in STAGES if s in v]:
+            raise ValueError(f"stages must run in the order {', '.join(STAGES)}, got {', '.join(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _sections(self) -> "Job":
+        for s in self.stages:
+            if getattr(self, s) is None:
+                need = {"convert": "`to`", "finetune": "`data` and a budget", "eval": "ppl, sts or glue"}[s]
+                raise ValueError(f"stage {s} is listed but the recipe has no {s} section (it needs {need})")
+        if "recovered" in (self.eval.models if self.eval else []) and "finetune" not in self.stages:
+            self.eval.models = [m for m in self.eval.models if m != "recovered"]
+        if self.eval and "converted" in self.eval.models and "convert" not in self.stages:
+            self.eval.models = [m for m in self.eval.models if m != "converted"]
+        return self
+
+
+class RecipeTop(_Strict):
+    """The top level of the file: run-wide keys, job defaults, and the optional list of jobs."""
+
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    output_dir: str = "runs"
+    model: Optional[str] = None
+    stages: Optional[Any] = None
+    convert: Optional[dict[str, Any]] = None
+    finetune: Optional[dict[str, Any]] = None
+    eval: Optional[dict[str, Any]] = None
+    runs: Optional[list[dict[str, Any]]] = Field(None, min_length=1)
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated recipe: its file, its run-wide settings and its jobs (paths resolved)."""
+
+    path: Path
+    name: str
+    description: str
+    output_dir: str
+    jobs: list[Job]
+    raw: dict[str, Any]
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully resolved configuration, as written to the run folder."""
+        return {
+            "recipe": str(self.path), "name": self.name, "description": self.description,
+            "output_dir": self.output_dir, "overrides": list(self.overrides),
+            "jobs": [j.model_dump(mode="json") for j in self.jobs],
+        }
+
+
+# --------------------------------------------------------------------------------- YAML with lines
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """The recipe's data and a map from key path (tuple of keys / list indices) to its line (1-based)."""
+    if not path.exists():
+        raise RecipeError(f"recipe {path} not found")
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read recipe {path}: {err}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML ({what})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: not a recipe (expected a YAML mapping of keys such as model, convert, eval; got {type(data).__name__})")
+    lines: dict[tuple, int] = {}
+    _walk(node, (), lines)
+    return data, lines
+
+
+def _walk(node: Any, prefix: tuple, lines: dict[tuple, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = prefix + (k.value,)
+            lines[key] = k.start_mark.line + 1
+            _walk(v, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[prefix + (i,)] = v.start_mark.line + 1
+            _walk(v, prefix + (i,), lines)
+
+
+def line_of(lines: dict[tuple, int], prefixes: list[tuple], loc: tuple) -> int | None:
+    """The line of `loc` under whichever prefix matches most of it (the first prefix on ties): a
+    job's key may come from its `runs:` entry or from the recipe's top-level defaults."""
+    best, best_m = None, -1
+    for prefix in prefixes:
+        for m in range(len(loc), -1, -1):
+            key = prefix + tuple(loc[:m])
+            if key in lines:
+                if m > best_m:
+                    best, best_m = lines[key], m
+                break
+    return best
+
+
+# --------------------------------------------------------------------------------------- variables
+
+_VAR = re.compile(r"\$\{([^}]*)\}")
+PATH_KEYS = {("model",), ("convert", "calib_text"), ("convert", "verify_text"), ("finetune", "data"),
+             ("finetune", "teacher"), ("eval", "ppl", "data"), ("eval", "sts", "data"), ("eval", "glue", "data")}
+
+
+def expand(value: str, recipe_dir: Path) -> str:
+    """Replace ${assets} (NORMSWAP_ASSETS or ../shared/assets) and ${recipe_dir}; others are errors."""
+    from normswap.assets import assets_dir
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1).strip()
+        if name == "assets":
+            return str(assets_dir())
+        if name == "recipe_dir":
+            return str(recipe_dir)
+        if name.startswith("env:"):
+            var = name[4:]
+            if var not in os.environ:
+                raise KeyError(f"environment variable {var} is not set")
+            return os.environ[var]
+        raise KeyError(f"unknown variable ${{{name}}} (use ${{assets}}, ${{recipe_dir}} or ${{env:NAME}})")
+
+    return _VAR.sub(sub, value)
+
+
+def resolve_path(value: str, recipe_dir: Path) -> str:
+    """A path key's value: variables expanded; a relative path that exists beside the recipe (or
+    starts with ./ or ../) is taken relative to the recipe file; anything else (a Hub id, a
+    `datasets` name) is left as written."""
+    value = expand(value, recipe_dir)
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if value.startswith(("./", "../")) or (recipe_dir / p).exists():
+        return str((recipe_dir / p).resolve())
+    return value
+
+
+def suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def format_error(err: dict[str, Any], path: Path, lines: dict[tuple, int], where: tuple, candidates: list[tuple],
+                 model: type[BaseModel] | None) -> str:
+    """One line for one pydantic error: file:line: what, naming the key."""
+    loc = tuple(err["loc"])
+    line = line_of(lines, candidates, loc)
+    at = f"{path}:{line}" if line else str(path)
+    dotted = ".".join(str(x) for x in where + loc)
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(model, loc[:-1]) if model else []
+        parent = ".".join(str(x) for x in where + loc[:-1]) or "the top level"
+        return f"{at}: unknown key {loc[-1]!r} in {parent}{suggest(str(loc[-1]), known)}" + (
+            f"; known keys: {', '.join(known)}" if known else "")
+    if err["type"] == "missing":
+        return f"{at}: missing key {dotted!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None or err["type"].startswith(("value_error", "assertion")) else f" (got {got!r})"
+    return f"{at}: {dotted or 'recipe'}: {msg}{shown}"
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    cls = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(str(part)) if cls else None
+        if field is None:
+            return []
+        cls = submodel(field.annotation)
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside Optional[...] / list[...], if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        m = submodel(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def validation_error(exc: ValidationError, path: Path, lines: dict[tuple, int], where: tuple, candidates: list[tuple],
+                     model: type[BaseModel]) -> RecipeError:
+    errors = exc.errors()
+    first = format_error(errors[0], path, lines, where, candidates, model)
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return RecipeError(first + more)
