@@ -194,7 +194,7 @@ def train_loop(
     start_step = step
     eval_every = cfg.eval_every or max(1, total_steps // 10)
     save_every = cfg.save_every or max(1, total_steps // 5)
-    nproc, rank, bs, accum = accelerator.num_processes, accelerator.process_index, cfg.batch_size, cfg.grad_accum
+    nproc, bs = accelerator.num_processes, cfg.batch_size
     flag = _StopFlag()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (main and sys.stderr.isatty()))
@@ -217,25 +217,7 @@ def train_loop(
             if progressive is not None:
                 apply_schedule(accelerator.unwrap_model(model), progressive[0], progressive[1], step)
             t0 = time.perf_counter()
-            loss_sum, parts_sum, step_tokens = 0.0, {}, 0
-            for micro in range(accum):
-                pos = ((step * accum + micro) * nproc + rank) * bs
-                batch = data.train.batch(data.indices(pos, bs))
-                batch = _to(objective.prepare(batch, seed=_mix_seed(data.seed, step, micro, rank)), accelerator.device)
-                ctx = accelerator.no_sync(model) if micro < accum - 1 else _null()
-                with ctx:
-                    with accelerator.autocast():
-                        loss, parts = objective.loss(model, teacher, batch)
-                    accelerator.backward(loss / accum)
-                loss_sum += float(loss.detach()) / accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
-                step_tokens += int(batch["attention_mask"].sum())
-            loss_t = torch.tensor([loss_sum, float(step_tokens)], device=accelerator.device)
-            if nproc > 1:
-                loss_t = accelerator.reduce(loss_t, "sum")
-                loss_t[0] /= nproc
-            step_loss, step_tokens = float(loss_t[0]), int(loss_t[1])
+            step_loss, parts_sum, step_tokens = _accumulate_gradients(model, teacher, objective, data, step, cfg, accelerator)
             if not math.isfinite(step_loss):
                 _diverged("loss", step_loss, step + 1, last_ckpt, bar)
             grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.clip)) if cfg.clip > 0 else float("nan")
@@ -292,6 +274,35 @@ def train_loop(
     return LoopResult(status=status, step=step, total_steps=total_steps, tokens=tokens, train_seconds=train_seconds,
                       tokens_per_second=run_tokens / max(train_seconds, 1e-9), last_loss=last_loss, val=val,
                       checkpoint=str(last_ckpt) if last_ckpt else None)
+
+
+def _accumulate_gradients(model: nn.Module, teacher: nn.Module | None, objective: Objective, data: TrainData, step: int,
+                          cfg: TrainConfig, accelerator: Any) -> tuple[float, dict[str, float], int]:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each process takes its own slice of the global batch, a pure function of (step, micro-step,
+    rank): that is what makes the data position resumable without a sampler state. Returns the
+    mean loss (over micro-batches and processes), its parts, and the tokens seen by all processes.
+    """
+    nproc, rank, bs, accum = accelerator.num_processes, accelerator.process_index, cfg.batch_size, cfg.grad_accum
+    loss_sum, parts_sum, n_tokens = 0.0, {}, 0
+    for micro in range(accum):
+        pos = ((step * accum + micro) * nproc + rank) * bs
+        batch = data.train.batch(data.indices(pos, bs))
+        batch = _to(objective.prepare(batch, seed=_mix_seed(data.seed, step, micro, rank)), accelerator.device)
+        with accelerator.no_sync(model) if micro < accum - 1 else _null():  # sync gradients once per step
+            with accelerator.autocast():
+                loss, parts = objective.loss(model, teacher, batch)
+            accelerator.backward(loss / accum)
+        loss_sum += float(loss.detach()) / accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+        n_tokens += int(batch["attention_mask"].sum())
+    totals = torch.tensor([loss_sum, float(n_tokens)], device=accelerator.device)
+    if nproc > 1:
+        totals = accelerator.reduce(totals, "sum")
+        totals[0] /= nproc
+    return float(totals[0]), parts_sum, int(totals[1])
 
 
 @contextmanager
