@@ -57,7 +57,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *, check
         try:
             job = Job.model_validate(merged)
         except ValidationError as err:
-            where = ("runs", i) if data.get("runs") else ()
+            where = ("runs", str(run.get("name", i)) if isinstance(run, dict) else i) if data.get("runs") else ()
             raise _error(err, path, lines, prefixes, where, Job, overridden) from None
         if any(j.name == job.name for j in jobs):
             raise RecipeError(f"{path}:{line_of(lines, prefixes, ('name',)) or '?'}: two jobs are named {job.name!r}; give each run a unique name")
