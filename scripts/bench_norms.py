@@ -1,0 +1,142 @@
+"""Norm layers alone: LayerNorm, RMSNorm and DyT (normswap's, with and without affine), eager and
+torch.compile, with achieved memory bandwidth against a plain copy measured in the same run.
+
+Bandwidth counts the bytes a layer must move at least: read x, write y (2 x numel x itemsize; the
+per-channel affine vectors are negligible). The copy reference is `out.copy_(x)`, eager and compiled.
+Measurements are interleaved in rounds (every variant once per round) and each figure is the
+median over rounds, so that load from other processes hits all variants alike; ratios (fraction of
+copy bandwidth, time relative to LayerNorm) are medians of per-round ratios.
+
+    HF_HUB_OFFLINE=1 python scripts/bench_norms.py            # CPU; on a GPU when one is present
+    python scripts/bench_norms.py --shapes 4096x768 --rounds 5 --device cpu
+
+Writes bench-results/norms.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from normswap.modules import DyT, RMSNorm  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, min_time: float = 0.2, max_iters: int = 200) -> float:
+    """Median seconds per call over a short burst (after one warm-up call)."""
+    fn()
+    _sync(device)
+    times = []
+    t_end = time.perf_counter() + min_time
+    while (time.perf_counter() < t_end or len(times) < 5) and len(times) < max_iters:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layers(d: int) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(d, eps=1e-5)
+    rms = RMSNorm(d, 1e-5, weight=True, bias=True)
+    rms_folded = RMSNorm(d, 1e-5, weight=False, bias=False)
+    dyt = DyT(d, alpha=0.5)
+    dyt_folded = DyT(d, alpha=0.5, weight=False, bias=False)
+    for m in (ln, rms, dyt):
+        with torch.no_grad():
+            m.weight.normal_(1.0, 0.1)
+            m.bias.normal_(0.0, 0.1)
+    return {"layernorm": ln, "rmsnorm": rms, "rmsnorm_folded": rms_folded, "dyt": dyt, "dyt_folded": dyt_folded}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="512x768,4096x768,4096x1600", help="tokens x hidden")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    from _measure_common import write_json
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    out = args.out or Path(f"bench-results/norms-{device}.json")
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    report: dict = {"benchmark": "norms", "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+                    "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "load_avg_start": os.getloadavg(), "rounds": args.rounds, "results": []}
+    for shape in args.shapes.split(","):
+        n, d = map(int, shape.split("x"))
+        x = torch.randn(n, d, device=device, dtype=dtype)
+        buf = torch.empty_like(x)
+        mods = {k: m.to(device=device, dtype=dtype).eval() for k, m in layers(d).items()}
+        fns: dict[tuple[str, str], object] = {}
+        t0 = time.perf_counter()
+        for mode in modes:
+            fns[("copy", mode)] = (lambda: buf.copy_(x)) if mode == "eager" else _compiled_copy(buf, x)
+            for k, m in mods.items():
+                f = m if mode == "eager" else torch.compile(m, dynamic=False)
+                fns[(k, mode)] = (lambda f=f: f(x))
+        compile_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            for fn in fns.values():  # warm-up (compiles)
+                fn()
+            per_round: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
+            for _ in range(args.rounds):
+                for key, fn in fns.items():
+                    per_round[key].append(time_call(fn, device))
+        nbytes = 2 * x.numel() * x.element_size()
+        for (name, mode), ts in per_round.items():
+            copy_ts = per_round[("copy", mode)]
+            ln_ts = per_round[("layernorm", mode)]
+            eager_ts = per_round[(name, "eager")]
+            report["results"].append({
+                "shape": [n, d], "layer": name, "mode": mode,
+                "median_us": round(statistics.median(ts) * 1e6, 2),
+                "bandwidth_gbs": round(nbytes / statistics.median(ts) / 1e9, 2),
+                "fraction_of_copy_bw": round(statistics.median([c / t for c, t in zip(copy_ts, ts)]), 4),
+                "time_vs_layernorm_same_mode": round(statistics.median([t / l for t, l in zip(ts, ln_ts)]), 4),
+                "time_vs_eager": round(statistics.median([t / e for t, e in zip(ts, eager_ts)]), 4),
+            })
+        report.setdefault("setup_s", {})[shape] = round(compile_s, 2)
+        print(f"{shape}: done", file=sys.stderr)
+    report["load_avg_end"] = os.getloadavg()
+    write_json(out, report)
+    rows = report["results"]
+    print(f"{'shape':>10} {'layer':>15} {'mode':>9} {'us':>9} {'GB/s':>7} {'/copy':>6} {'/LN':>6}")
+    for r in rows:
+        print(f"{'x'.join(map(str, r['shape'])):>10} {r['layer']:>15} {r['mode']:>9} {r['median_us']:>9.1f} {r['bandwidth_gbs']:>7.2f} "
+              f"{r['fraction_of_copy_bw']:>6.3f} {r['time_vs_layernorm_same_mode']:>6.3f}")
+
+
+def _compiled_copy(buf: torch.Tensor, x: torch.Tensor):
+    f = torch.compile(lambda a: a.clone(), dynamic=False)  # an out-of-place copy: read x, write a new tensor
+    return lambda: f(x)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
