@@ -154,3 +154,43 @@ def test_automatic_switch(tmp_path, monkeypatch):
     assert not cmd._use_streaming(str(src), "rmsnorm", None, False, True, None, False)  # --verify wants memory
     with pytest.raises(NormswapError, match="verify"):
         cmd._use_streaming(str(src), "rmsnorm", None, True, True, None, False)
+
+
+# ------------------------------------------------- DyT forward paths (normswap.modules.DyT.forward)
+
+
+@pytest.mark.parametrize("weight,bias,recenter", [(True, True, False), (False, False, False), (True, True, True), (False, True, False)])
+def test_dyt_inference_path_is_bit_identical(weight, bias, recenter):
+    from normswap.modules import DyT
+
+    m = DyT(64, alpha=0.37, weight=weight, bias=bias, recenter=recenter)
+    with torch.no_grad():
+        for p in (m.weight, m.bias):
+            if p is not None:
+                p.normal_(0.5, 0.2)
+    for dtype in (torch.float32, torch.bfloat16):
+        m = m.to(dtype)
+        x = torch.randn(3, 7, 64, dtype=dtype)
+        ref = m._affine(torch.tanh(m.alpha.to(dtype) * x)).detach()  # the training (autograd) path
+        with torch.no_grad():
+            assert torch.equal(m(x), ref)
+        with torch.inference_mode():
+            assert torch.equal(m(x), ref)
+        xg = x.clone().requires_grad_()
+        y = m(xg)
+        assert torch.equal(y.detach(), ref)
+        y.sum().backward()
+        assert xg.grad is not None
+
+
+@pytest.mark.slow
+def test_dyt_compiled_kernel_matches_eager():
+    from normswap.modules import DyT
+
+    m = DyT(64, alpha=0.37)
+    x = torch.randn(4, 9, 64)
+    with torch.no_grad():
+        ref = m(x)
+        m.compiled = True
+        got = m(x)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
