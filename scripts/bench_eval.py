@@ -70,7 +70,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench_eval.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=20_481, help="stand-in: score the first N tokens of valid.txt")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; 1 avoids OpenMP spin-waiting when other jobs share the cores (10x less CPU time per step measured here)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     report = {
         "benchmark": "normswap eval throughput", **results.provenance(), "torch_threads": torch.get_num_threads(),
