@@ -68,6 +68,10 @@ def finetune_cmd(
         precision=precision, max_seconds=time_limit * 60 if time_limit else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
     result = finetune(student, teacher=teacher, data=data, out=out, config=cfg, overwrite=overwrite, resume=resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, only the main process prints the result
+        return
     if fmt == OutputFormat.json:
         emit_json(result.to_dict())
     else:

@@ -6,6 +6,7 @@ NormswapError line): output folder, budget, vocabularies, data. The loop itself 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -87,7 +88,12 @@ def finetune(
     out = Path(out)
     student, data = str(student), str(data)
     teacher = str(teacher) if teacher is not None else None
-    _check_out(out, overwrite=overwrite, resume=resume)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.progressive else []
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), kwargs_handlers=handlers)
+    if not accelerator.is_main_process:  # under `accelerate launch`: one process reports
+        logger.setLevel(logging.WARNING)
+    _check_out(out, overwrite=overwrite, resume=resume, remove=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     if resume:
         _check_resume_config(out, cfg, student=student, teacher=teacher, data=data)
     if (weights.get("distill", 0) > 0 or cfg.progressive) and teacher is None:
@@ -123,9 +129,6 @@ def finetune(
     packing = cfg.packing or ("lines" if kind == "encoder" else "blocks")
     cfg.block_size, cfg.packing = block_size, packing
 
-    mp = _mixed_precision(cfg.precision)
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.progressive else []
-    accelerator = Accelerator(mixed_precision=mp, kwargs_handlers=handlers)
     data_ = build_data(data, tokenizer, block_size=block_size, packing=packing, encoder=kind == "encoder",
                        seed=cfg.seed, val_examples=cfg.val_examples)
     total_steps = _total_steps(cfg, data_, accelerator.num_processes)
@@ -186,7 +189,8 @@ def check_vocabularies(student: str, s_model: nn.Module, s_tok: Any, teacher: st
         raise NormswapError(f"teacher and student have different vocabularies: the tokenizers of {teacher} and {student} differ")
 
 
-def _check_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+def _check_out(out: Path, *, overwrite: bool, resume: bool, remove: bool = True) -> None:
+    """Refuse an existing `out` unless --overwrite (then delete it, on the main process) or --resume."""
     if overwrite and resume:
         raise NormswapError("give --overwrite or --resume, not both")
     if resume:
@@ -200,6 +204,8 @@ def _check_out(out: Path, *, overwrite: bool, resume: bool) -> None:
     if out.exists():
         if not overwrite:
             raise NormswapError(f"output folder {out} exists (use --overwrite to replace it or --resume to continue)")
+        if not remove:
+            return
         if out.is_dir():
             shutil.rmtree(out)
         else:
