@@ -290,9 +290,13 @@ class _Stop(Exception):
 
 
 def _capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
-    """Inputs or outputs of the modules at `paths` over all batches, as [tokens, d] tensors."""
+    """Inputs or outputs of the modules at `paths` over all batches, as [tokens, d] tensors.
+
+    Each forward pass stops as soon as every requested module has fired, so capturing early sites
+    (or targets, skipping a large LM head) costs only the prefix of the model.
+    """
     store: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
-    last = paths[-1]
+    fired: set[str] = set()
     handles = []
     for p in paths:
         mod = get_module(model, p)
@@ -300,7 +304,8 @@ def _capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.T
         def hook(m, args, out=None, p=p):
             t = args[0] if what == "input" else out
             store[p].append(t.detach().reshape(-1, t.shape[-1]).float())
-            if what == "input" and p == last and len(paths) == 1:
+            fired.add(p)
+            if len(fired) == len(paths):
                 raise _Stop
 
         if what == "input":
@@ -309,6 +314,7 @@ def _capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.T
             handles.append(mod.register_forward_hook(hook))
     try:
         for batch in batches:
+            fired.clear()
             try:
                 model(**batch)
             except _Stop:
