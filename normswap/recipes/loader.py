@@ -93,7 +93,7 @@ def _resolve(job: dict[str, Any], key: tuple, recipe_dir: Path, path: Path, line
 
 def _error(err: ValidationError, path: Path, lines: dict, prefixes: list[tuple], where: tuple, model: Any,
            overridden: dict[tuple, str]) -> RecipeError:
-    first = err.errors()[0]
+    first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = tuple(str(x) for x in first["loc"])
     for keys, item in overridden.items():
         tail = keys[2:] if keys and keys[0] == "runs" else keys

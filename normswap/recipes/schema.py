@@ -399,7 +399,8 @@ def submodel(annotation: Any) -> type[BaseModel] | None:
 
 def validation_error(exc: ValidationError, path: Path, lines: dict[tuple, int], where: tuple, candidates: list[tuple],
                      model: type[BaseModel]) -> RecipeError:
-    errors = exc.errors()
+    # an unknown key usually explains the rest (a misspelt required key is also "missing"): show it first
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = format_error(errors[0], path, lines, where, candidates, model)
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return RecipeError(first + more)
