@@ -85,8 +85,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per variant per round")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids OpenMP spin-waiting on shared cores)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from _measure_common import write_json
 
     device = args.device

@@ -69,8 +69,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids OpenMP spin-waiting on shared cores)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from _measure_common import write_json
 
     device, dtype = args.device, getattr(torch, args.dtype)
