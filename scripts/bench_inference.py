@@ -68,7 +68,7 @@ def build(name: str):
 def time_call(fn, device: str, min_time: float, max_iters: int = 50) -> float:
     times = []
     t_end = time.perf_counter() + min_time
-    while (time.perf_counter() < t_end or len(times) < 3) and len(times) < max_iters:
+    while (time.perf_counter() < t_end or not times) and len(times) < max_iters:
         t0 = time.perf_counter()
         fn()
         if device == "cuda":
@@ -93,11 +93,19 @@ def main() -> None:
     from _measure_common import write_json
 
     device = args.device
+    # every variant and shape is a separate graph of the same transformers code: without a higher
+    # limit dynamo silently falls back to eager after 8 of them
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
     out = args.out or Path(f"bench-results/inference-{device}.json")
     report: dict = {"benchmark": "inference", "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
                     "load_avg_start": os.getloadavg(), "rounds": args.rounds, "results": []}
     for model_name in args.models.split(","):
+        torch._dynamo.reset()
         variants = {k: m.to(device) for k, m in build(model_name).items()}
         ref_out = {}
         for mode in args.modes.split(","):
