@@ -95,17 +95,17 @@ def main() -> None:
     device = args.device
     # every variant and shape is a separate graph of the same transformers code: without a higher
     # limit dynamo silently falls back to eager after 8 of them
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    torch._dynamo.config.cache_size_limit = 256
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
+    dynamo.config.cache_size_limit = 256
+    if hasattr(dynamo.config, "recompile_limit"):
+        dynamo.config.recompile_limit = 256
     out = args.out or Path(f"bench-results/inference-{device}.json")
     report: dict = {"benchmark": "inference", "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
                     "load_avg_start": os.getloadavg(), "rounds": args.rounds, "results": []}
     for model_name in args.models.split(","):
-        torch._dynamo.reset()
+        dynamo.reset()
         variants = {k: m.to(device) for k, m in build(model_name).items()}
         ref_out = {}
         for mode in args.modes.split(","):

@@ -77,11 +77,11 @@ def main() -> None:
     from _measure_common import write_json
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    torch._dynamo.config.cache_size_limit = 256  # one graph per layer variant and shape; never fall back to eager
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
+    dynamo.config.cache_size_limit = 256  # one graph per layer variant and shape; never fall back to eager
+    if hasattr(dynamo.config, "recompile_limit"):
+        dynamo.config.recompile_limit = 256
     out = args.out or Path(f"bench-results/norms-{device}.json")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     report: dict = {"benchmark": "norms", "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
