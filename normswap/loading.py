@@ -51,7 +51,7 @@ def read_record(path: str | os.PathLike) -> tuple[ConversionRecord, dict[str, An
     return record, cfg
 
 
-def _check_source(name_or_path: str) -> Path | None:
+def check_source(name_or_path: str) -> Path | None:
     """Local folder checks with clear errors; None for something that can only be a Hub id."""
     p = Path(name_or_path).expanduser()
     if p.exists():
@@ -87,7 +87,7 @@ def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_
     """The transformers config of a source model (not of a converted folder)."""
     from transformers import AutoConfig
 
-    _check_source(name_or_path)
+    check_source(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except ValueError as err:  # unknown model_type and the like
@@ -110,10 +110,14 @@ def load_pretrained(
 
     Weights are read from safetensors only (never unpickled). The model comes back in eval mode.
     """
-    local = _check_source(name_or_path)
+    local = check_source(name_or_path)
     if local is not None and is_converted(local):
         return load(local, auto_class=auto_class, allow_new_head=allow_new_head, dtype=dtype, **model_kwargs)
     config = load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    # Config fields (num_labels, problem_type...) go on the config: from_pretrained(config=...)
+    # would hand them to the model's constructor instead.
+    for key in [k for k in model_kwargs if hasattr(config, k) or k in ("num_labels", "id2label", "label2id", "problem_type")]:
+        setattr(config, key, model_kwargs.pop(key))
     cls = _architecture_class(config, auto_class)
     try:
         model, info = cls.from_pretrained(

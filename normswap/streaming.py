@@ -334,7 +334,7 @@ def stream_convert(
     """
     from normswap import __version__
     from normswap.conversion import TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, _sites_to_convert
-    from normswap.loading import _architecture_class, _check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
+    from normswap.loading import _architecture_class, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
     from normswap.archs.plan import build_plan
     from normswap.record import ConversionRecord
 
@@ -346,7 +346,7 @@ def stream_convert(
     why = streamable(to, alpha_init)
     if why:
         raise NormswapError(f"cannot convert with low memory: {why}")
-    src = _check_source(str(source))
+    src = check_source(str(source))
     if src is None:
         raise NormswapError(f"low-memory conversion needs a local model folder, not a Hub id ({source})")
     if is_converted(src):

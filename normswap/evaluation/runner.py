@@ -74,10 +74,10 @@ def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
         raise NormswapError(f"--max-length must be at least 2, got {req.max_length}")
     if req.stride is not None and req.stride < 1:
         raise NormswapError(f"--stride must be positive, got {req.stride}")
-    from normswap.loading import _check_source, load_tokenizer
+    from normswap.loading import check_source, load_tokenizer
 
     for _, path in _models(req):
-        _check_source(path)  # the loader's own path checks, before anything heavy
+        check_source(path)  # the loader's own path checks, before anything heavy
     tok = load_tokenizer(req.model)
     if tok is None:
         raise NormswapError(f"{req.model} has no tokenizer files")
