@@ -155,3 +155,9 @@ def test_unknown_architecture_warns(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["exact"] is False and any("unknown architecture" in w for w in res["warnings"])
+
+
+def test_unknown_option_is_a_usage_error_not_a_traceback():
+    proc = run("convert", "--no-such-flag")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "No such option" in proc.stderr
