@@ -115,15 +115,7 @@ def convert_model(
         if tokenizer is None:
             tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
     model.eval()
-    plan = build_plan(model)
-    warnings: list[str] = []
-    sites = _sites_to_convert(model, plan, to)
-    if plan.family is None:
-        warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and nothing is exact")
-    if plan.other_norms:
-        warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
-
-    centre = plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+    plan, sites, warnings, centre = plan_conversion(model, to)
     measure = verify or not (to == "rmsnorm" and centre)
     original = copy.deepcopy(model) if measure else None
     record = ConversionRecord(
@@ -151,6 +143,20 @@ def convert_model(
         del original
     result.seconds = time.perf_counter() - t0
     return model, result
+
+
+def plan_conversion(model: nn.Module, to: str) -> tuple[ModelPlan, list[Site], list[str], bool]:
+    """The sites to convert, warnings for the user, and whether the stream gets centred (exact
+    Pre-LN treatment); shared by the in-memory and streaming paths."""
+    plan = build_plan(model)
+    sites = _sites_to_convert(model, plan, to)
+    warnings: list[str] = []
+    if plan.family is None:
+        warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and nothing is exact")
+    if plan.other_norms:
+        warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
+    centre = plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+    return plan, sites, warnings, centre
 
 
 def _sites_to_convert(model: nn.Module, plan: ModelPlan, to: str) -> list[Site]:

@@ -7,12 +7,13 @@ transformers refuses that model type with an error instead of silently rebuildin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -268,17 +269,29 @@ def save(
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output(out, overwrite=overwrite) as tmp:
         if copy_from is not None and Path(copy_from).is_dir():
             _copy_aux_files(Path(copy_from), tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         save_file(_unique_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "normswap": record.version})
         write_config(tmp, model.config, record)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out`, moved into place only if the block completes.
+
+    An existing `out` is refused unless `overwrite`; on any error (or Ctrl-C) the temporary folder
+    is removed and `out` is left as it was.
+    """
+    if out.exists() and not overwrite:
+        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)
@@ -289,7 +302,6 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def write_config(folder: Path, config: Any, record: ConversionRecord) -> None:

@@ -27,9 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,9 +331,8 @@ def stream_convert(
     followed by `normswap.save`, for the conversions that need no calibration (see `streamable`).
     """
     from normswap import __version__
-    from normswap.conversion import TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, _sites_to_convert
-    from normswap.loading import _architecture_class, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
-    from normswap.archs.plan import build_plan
+    from normswap.conversion import TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, plan_conversion
+    from normswap.loading import _architecture_class, atomic_output, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
     from normswap.record import ConversionRecord
 
     t0 = time.perf_counter()
@@ -363,14 +360,7 @@ def stream_convert(
     source_key = _match_source_keys(model, reader)
 
     # -- the decisions, by the in-memory code on the meta model ------------------------------------
-    plan = build_plan(model)
-    warnings: list[str] = []
-    sites = _sites_to_convert(model, plan, to)
-    if plan.family is None:
-        warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and nothing is exact")
-    if plan.other_norms:
-        warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
-    centre = plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+    plan, sites, warnings, centre = plan_conversion(model, to)
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
         family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
@@ -406,9 +396,7 @@ def stream_convert(
         out_plan.append((name, list(t.shape), t.dtype))
 
     tokenizer = load_tokenizer(str(src)) if save_tokenizer else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output(out, overwrite=overwrite) as tmp:
         if copy_aux:
             _copy_aux_files(src, tmp)
         if tokenizer is not None:
@@ -419,16 +407,6 @@ def stream_convert(
             writer.write(key, compute(key, dtype))
         writer.write_index()
         write_config(tmp, model.config, record)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result = ConversionResult(record, time.perf_counter() - t0, warnings, tokenizer=tokenizer, source=str(source))
     logger.info("streamed %s -> %s: %d tensors in %d shard(s)", source, out, len(out_plan), len(writer.names))
     return result
