@@ -19,11 +19,15 @@ def default_text() -> str:
 
 
 def read_text(path: str | Path) -> str:
-    """A text file's contents, refusing a missing or empty file."""
+    """A text file read as-is (UTF-8, universal newlines), refusing a missing, non-UTF-8 or empty
+    file. The one reader for calibration, verification and evaluation text."""
     p = Path(path)
     if not p.is_file():
         raise NormswapError(f"text file {path} not found")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NormswapError(f"{path} is not UTF-8 text") from None
     if not text.strip():
         raise NormswapError(f"text file {path} is empty")
     return text

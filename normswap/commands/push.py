@@ -45,4 +45,4 @@ def push_cmd(
         typer.echo(f"files    {', '.join(info['files'])}")
     else:
         typer.echo(f"pushed   {info['url']}" + (" (private)" if private else ""))
-    typer.echo(f"results  " + (f"job {info['results']} ({info['role']} model)" if info.get("results") else "none found (no evaluation in the card)"))
+    typer.echo("results  " + (f"job {info['results']} ({info['role']} model)" if info.get("results") else "none found (no evaluation in the card)"))

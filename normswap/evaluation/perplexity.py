@@ -29,6 +29,7 @@ from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.evaluation.progress import progress_bar
+from normswap.samples import read_text  # noqa: F401 - the shared text reader, re-exported here
 
 LOGITS_BUDGET_BYTES = 512 * 2**20  # cap on one batch's float32 logits
 
@@ -51,20 +52,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """The text of a file, read as-is (universal newlines, UTF-8); errors for missing or empty files."""
-    p = Path(path)
-    if not p.is_file():
-        raise NormswapError(f"text file {path} not found")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise NormswapError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise NormswapError(f"{path} is empty: no text to score")
-    return text
 
 
 def load_text(source: str) -> str:

@@ -2,7 +2,6 @@
 `results.json`, `report.md` with its tables, and two PNGs (loss curves, deltas)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any

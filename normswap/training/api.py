@@ -23,7 +23,7 @@ from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.training.config import TrainConfig
 from normswap.training.data import TrainData, build_data
-from normswap.training.loop import LoopResult, train_loop
+from normswap.training.loop import train_loop
 from normswap.training.objectives import Objective, model_kind, parse_objective
 from normswap.training.params import select_trainable
 from normswap.training.progressive import Schedule, default_every, unwrap_sites, wrap_sites

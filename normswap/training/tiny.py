@@ -21,7 +21,7 @@ SPECIALS = ["<pad>", "<unk>", "<eos>", "[CLS]", "[SEP]", "[MASK]"]
 def tiny_tokenizer(shuffled: bool = False) -> Any:
     """A word-level fast tokenizer: 6 special tokens + 90 words (in another order if `shuffled`:
     the same size, a different vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = list(reversed(WORDS)) if shuffled else WORDS
