@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,6 +11,7 @@ import pytest
 
 from normswap.assets import asset
 from test_eval_support import converted_folder, tiny_bert_folder, tiny_gpt2_folder, write_glue_dir
+from cli_util import error_line, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +28,6 @@ def env(tmp_path_factory):
     return {"root": root, "gpt2": gpt2, "gpt2_rms": converted_folder(gpt2, "rmsnorm", root / "tiny-gpt2-rms"),
             "bert": bert, "bert_dyt": converted_folder(bert, "dyt", root / "tiny-bert-dyt"),
             "text": text, "sts": sts_file, "glue": write_glue_dir(root, 48, 24)}
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the real console entry point (normswap.cli.main) in-process."""
-    from normswap.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["normswap", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as ex:
-        code = ex.code if isinstance(ex.code, int) else 1
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def error_line(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_perplexity_json_and_results_folder(env, tmp_path, monkeypatch, capsys):
@@ -137,5 +116,5 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, monkeypatch, capsys, ca
         "missing_model": [tmp_path / "no-such-model", "--sts", env["sts"]],
     }[case]
     code, stdout, stderr = run_cli(["eval", *args], monkeypatch, capsys)
-    assert needle in error_line(code, stderr)
+    assert needle in error_line(stderr, code)
     assert stdout == ""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from normswap.training.tiny import make_tiny_pair, tiny_corpus
+from cli_util import error_line, run_cli
 
 NORMSWAP = str(Path(sys.executable).parent / "normswap")
 FAST = ["--batch-size", "4", "--block-size", "16", "--val-examples", "4"]
@@ -38,27 +39,6 @@ def pairs(tmp_path_factory):
     return {"teacher": teacher, "student": student, "enc_teacher": enc_teacher, "enc_student": enc_student, "other_teacher": other_teacher, "data": data}
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the real console entry point (normswap.cli.main) in-process."""
-    from normswap.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["normswap", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as ex:
-        code = ex.code if isinstance(ex.code, int) else 1
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def test_json_result_on_stdout(pairs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ft"
     code, stdout, _ = run_cli(["finetune", str(pairs["student"]), "--teacher", str(pairs["teacher"]), "--data", str(pairs["data"]),
@@ -76,9 +56,9 @@ def test_existing_output_folder_needs_overwrite_or_resume(pairs, tmp_path, monke
     (out / "keep.txt").write_text("x")
     args = ["finetune", str(pairs["student"]), "--data", str(pairs["data"]), "--steps", "2", "--out", str(out), *FAST]
     code, _, err = run_cli(args, monkeypatch, capsys)
-    assert code == 2 and "exists" in _error_line(err) and "--overwrite" in err and (out / "keep.txt").exists()
+    assert code == 2 and "exists" in error_line(err) and "--overwrite" in err and (out / "keep.txt").exists()
     code, _, err = run_cli(args + ["--resume"], monkeypatch, capsys)
-    assert code == 2 and "nothing to resume" in _error_line(err)
+    assert code == 2 and "nothing to resume" in error_line(err)
     code, _, _ = run_cli(args + ["--overwrite"], monkeypatch, capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
@@ -87,16 +67,16 @@ def test_different_vocabularies(pairs, tmp_path, monkeypatch, capsys):
     # same vocabulary size, different tokens
     code, _, err = run_cli(["finetune", str(pairs["student"]), "--teacher", str(pairs["other_teacher"]), "--data", str(pairs["data"]),
                             "--objective", "distill", "--steps", "2", "--out", str(tmp_path / "o"), *FAST], monkeypatch, capsys)
-    assert code == 2 and "different vocabularies" in _error_line(err) and "tokenizers" in err
+    assert code == 2 and "different vocabularies" in error_line(err) and "tokenizers" in err
     # a bare encoder teacher has no logits for a causal student
     code, _, err = run_cli(["finetune", str(pairs["student"]), "--teacher", str(pairs["enc_teacher"]), "--data", str(pairs["data"]),
                             "--objective", "distill", "--steps", "2", "--out", str(tmp_path / "o"), *FAST], monkeypatch, capsys)
-    assert code == 2 and "no LM head" in _error_line(err)
+    assert code == 2 and "no LM head" in error_line(err)
     standin = Path(os.environ.get("NORMSWAP_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets")) / "gpt2-standin-wt2"
     if standin.is_dir():
         code, _, err = run_cli(["finetune", str(pairs["student"]), "--teacher", str(standin), "--data", str(pairs["data"]),
                                 "--objective", "distill", "--steps", "2", "--out", str(tmp_path / "o2"), *FAST], monkeypatch, capsys)
-        assert code == 2 and "50257" in _error_line(err)
+        assert code == 2 and "50257" in error_line(err)
 
 
 def test_empty_data_and_tiny_budget(pairs, tmp_path, monkeypatch, capsys):
@@ -104,13 +84,13 @@ def test_empty_data_and_tiny_budget(pairs, tmp_path, monkeypatch, capsys):
     empty.write_text("\n \n")
     base = ["finetune", str(pairs["student"]), "--out", str(tmp_path / "o"), *FAST]
     code, _, err = run_cli(base + ["--data", str(empty), "--steps", "2"], monkeypatch, capsys)
-    assert code == 2 and "empty" in _error_line(err)
+    assert code == 2 and "empty" in error_line(err)
     code, _, err = run_cli(base + ["--data", str(pairs["data"]), "--tokens", "40"], monkeypatch, capsys)
-    assert code == 2 and "smaller than one batch" in _error_line(err)
+    assert code == 2 and "smaller than one batch" in error_line(err)
     code, _, err = run_cli(base + ["--data", str(pairs["data"])], monkeypatch, capsys)
-    assert code == 2 and "--steps" in _error_line(err)
+    assert code == 2 and "--steps" in error_line(err)
     code, _, err = run_cli(base + ["--data", str(pairs["data"]), "--steps", "2", "--objective", "distill"], monkeypatch, capsys)
-    assert code == 2 and "--teacher" in _error_line(err)
+    assert code == 2 and "--teacher" in error_line(err)
     assert not (tmp_path / "o").exists()  # nothing written for a refused run
 
 
@@ -124,7 +104,7 @@ def test_bare_encoder_distils_hidden_states(pairs, tmp_path, monkeypatch, capsys
     assert result["config"]["packing"] == "lines" and "val_distill" in result["val"]
     code, _, err = run_cli(["finetune", str(pairs["enc_student"]), "--data", str(pairs["data"]), "--objective", "lm",
                             "--steps", "3", "--out", str(tmp_path / "enc2"), *FAST], monkeypatch, capsys)
-    assert code == 2 and "no LM head" in _error_line(err)
+    assert code == 2 and "no LM head" in error_line(err)
 
 
 def test_subprocess_human_table_and_stderr_progress(pairs, tmp_path):

@@ -23,7 +23,7 @@ from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.training.config import TrainConfig
 from normswap.training.data import TrainData, build_data
-from normswap.training.loop import train_loop
+from normswap.training.loop import LoopResult, train_loop
 from normswap.training.objectives import Objective, model_kind, parse_objective
 from normswap.training.params import select_trainable
 from normswap.training.progressive import Schedule, default_every, unwrap_sites, wrap_sites
@@ -33,20 +33,11 @@ CONFIG_FILE = "finetune_config.json"
 RESULT_FILE = "finetune_result.json"
 
 
-@dataclass
-class FinetuneResult:
-    """What a run did: where it wrote, how far it got, and its losses."""
+@dataclass(kw_only=True)
+class FinetuneResult(LoopResult):
+    """What a run did: the loop's outcome (steps, tokens, losses) plus where it wrote and how."""
 
     out: str
-    status: str  # "completed" | "time_limit" | "interrupted"
-    step: int
-    total_steps: int
-    tokens: int
-    train_seconds: float
-    tokens_per_second: float
-    last_loss: float | None
-    val: dict[str, float] = field(default_factory=dict)
-    checkpoint: str | None = None
     objective: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 

@@ -39,6 +39,8 @@ class TrainingDiverged(NormswapError):
 
 @dataclass
 class LoopResult:
+    """How a training loop ended, and how far it got."""
+
     status: str  # "completed" | "time_limit" (stopped early at cfg.max_seconds, model kept) | "interrupted"
     step: int
     total_steps: int
