@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels import dyt_forward, rms_normalize
+
 
 class _AffineNorm(nn.Module):
     """Shared tail of the replacement norms: optional per-channel weight and bias, optional re-centring."""
@@ -20,9 +22,11 @@ class _AffineNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
+            y = torch.addcmul(self.bias, y, self.weight)  # one pass over y instead of two
+        elif self.weight is not None:
             y = y * self.weight
-        if self.bias is not None:
+        elif self.bias is not None:
             y = y + self.bias
         if self.recenter:
             y = y - y.mean(-1, keepdim=True)
@@ -44,8 +48,7 @@ class RMSNorm(_AffineNorm):
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return self._affine((x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype))
+        return self._affine(rms_normalize(x, self.eps))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"
@@ -61,61 +64,13 @@ class DyT(_AffineNorm):
         super().__init__(dim, weight, bias, recenter)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
-    # Opt-in (per instance or for the class): run the whole layer as one torch.compile'd elementwise kernel (falls back to eager if
-    # compilation fails). Off by default: on CPU the in-place eager path below is as fast once the
-    # model itself is compiled, and a per-layer compile costs seconds of warm-up per process.
-    compiled: bool = False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled and not self.recenter:
-            fn = _compiled_dyt()
-            if fn is not None:
-                try:
-                    return fn(x, self.alpha, self.weight, self.bias)
-                except Exception:  # noqa: BLE001 - any compiler failure: the eager path is equivalent
-                    _COMPILED["failed"] = True
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Inference: the same operations in the same order (bit-identical), computed in one
-            # buffer instead of four fresh tensors, which halves the memory traffic of a
-            # bandwidth-bound layer.
-            y = x * self.alpha.to(x.dtype)
-            y.tanh_()
-            if self.weight is not None:
-                y.mul_(self.weight)
-            if self.bias is not None:
-                y.add_(self.bias)
-            if self.recenter:
-                y = y - y.mean(-1, keepdim=True)
-            return y
-        return self._affine(torch.tanh(self.alpha.to(x.dtype) * x))
+        # the defining tanh formula under autograd, an equivalent faster kernel for inference (see normswap.kernels)
+        y = dyt_forward(x, self.alpha, self.weight, self.bias)
+        return y - y.mean(-1, keepdim=True) if self.recenter else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={float(self.alpha):.4g}"
-
-
-_COMPILED: dict = {}
-
-
-def _dyt_fn(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    y = torch.tanh(alpha.to(x.dtype) * x)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def _compiled_dyt():
-    """The compiled DyT kernel, or None where torch.compile is unavailable or failed before."""
-    if _COMPILED.get("failed"):
-        return None
-    if "fn" not in _COMPILED:
-        try:
-            _COMPILED["fn"] = torch.compile(_dyt_fn, dynamic=True)
-        except Exception:  # noqa: BLE001
-            _COMPILED["failed"] = True
-            return None
-    return _COMPILED["fn"]
 
 
 class CenteredEmbedding(nn.Embedding):

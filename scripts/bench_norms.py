@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from normswap import kernels  # noqa: E402
 from normswap.modules import DyT, RMSNorm  # noqa: E402
 
 
@@ -99,14 +100,16 @@ def main() -> None:
             for k, m in mods.items():
                 f = m if mode == "eager" else torch.compile(m, dynamic=False)
                 fns[(k, mode)] = (lambda f=f: f(x))
-        # DyT before the in-place inference path (the chain of four fresh tensors), and DyT as one
-        # torch.compile'd elementwise kernel inside an eager model (DyT.compiled)
+        # DyT's inference kernels one by one (the layer above runs whichever normswap.kernels picks):
+        # the tanh formula in one buffer (normswap's inference path before the sigmoid form), the
+        # eager sigmoid form, and the compiled sigmoid form called from eager code
         dyt = mods["dyt"]
-        fns[("dyt_unfused_ref", "eager")] = lambda: dyt._affine(torch.tanh(dyt.alpha.to(x.dtype) * x))
+        p = (dyt.alpha, dyt.weight, dyt.bias)
+        fns[("dyt_tanh_inplace", "eager")] = lambda: _dyt_tanh_inplace(x, *p)
+        fns[("dyt_sigmoid_eager", "eager")] = lambda: kernels.dyt_eager(x, *p)
         if not args.no_compile:
-            dyt_k = layers(d)["dyt"].to(device=device, dtype=dtype).eval()
-            dyt_k.compiled = True
-            fns[("dyt_kernel", "eager")] = lambda: dyt_k(x)
+            compiled_kernel = torch.compile(kernels.dyt_sigmoid_form, dynamic=True)
+            fns[("dyt_sigmoid_compiled", "eager")] = lambda: compiled_kernel(x, *p)
         compile_s = time.perf_counter() - t0
         with torch.inference_mode():
             for fn in fns.values():  # warm-up (compiles)
@@ -117,8 +120,8 @@ def main() -> None:
                     per_round[key].append(time_call(fn, device))
         nbytes = 2 * x.numel() * x.element_size()
         for (name, mode), ts in per_round.items():
-            if name == "dyt_unfused_ref" or name == "dyt_kernel":
-                eager_ts = per_round[("dyt", "eager")]  # time_vs_eager: against the default DyT path
+            if name.startswith("dyt_"):
+                eager_ts = per_round[("dyt_tanh_inplace", "eager")]  # time_vs_eager: against the tanh formula
             else:
                 eager_ts = per_round[(name, "eager")]
             copy_ts = per_round[("copy", mode)]
@@ -133,6 +136,9 @@ def main() -> None:
             })
         report.setdefault("setup_s", {})[shape] = round(compile_s, 2)
         print(f"{shape}: done", file=sys.stderr)
+    if not args.no_compile:
+        report["dyt_crossover_d768"] = crossover(768, device, dtype, args.rounds)
+        report["dyt_compile_min_numel"] = kernels.COMPILE_MIN_NUMEL
     report["load_avg_end"] = os.getloadavg()
     write_json(out, report)
     rows = report["results"]
@@ -140,6 +146,32 @@ def main() -> None:
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):>10} {r['layer']:>15} {r['mode']:>9} {r['median_us']:>9.1f} {r['bandwidth_gbs']:>7.2f} "
               f"{r['fraction_of_copy_bw']:>6.3f} {r['time_vs_layernorm_same_mode']:>6.3f}")
+    for r in report.get("dyt_crossover_d768", []):
+        print(f"DyT {r['numel']:>8} elements: eager {r['eager_us']:>8.1f} us, compiled {r['compiled_us']:>8.1f} us ({r['compiled_vs_eager']:.2f}x)")
+
+
+def _dyt_tanh_inplace(x, alpha, weight, bias):
+    y = x * alpha
+    y.tanh_()
+    return y.mul_(weight).add_(bias)
+
+
+def crossover(d: int, device: str, dtype, rounds: int) -> list[dict]:
+    """Eager sigmoid form against the compiled kernel from 1 token up: where compiling starts to pay."""
+    alpha, w, b = torch.tensor(0.5, device=device, dtype=dtype), torch.randn(d, device=device, dtype=dtype), torch.randn(d, device=device, dtype=dtype)
+    compiled_kernel = torch.compile(kernels.dyt_sigmoid_form, dynamic=True)
+    rows = []
+    with torch.inference_mode():
+        for n in (1, 8, 32, 64, 85, 128, 256, 512, 1024):
+            x = torch.randn(n, d, device=device, dtype=dtype)
+            eager, comp = [], []
+            compiled_kernel(x, alpha, w, b)
+            for _ in range(rounds):
+                eager.append(time_call(lambda: kernels.dyt_eager(x, alpha, w, b), device, 0.05))
+                comp.append(time_call(lambda: compiled_kernel(x, alpha, w, b), device, 0.05))
+            rows.append({"numel": n * d, "eager_us": round(statistics.median(eager) * 1e6, 2), "compiled_us": round(statistics.median(comp) * 1e6, 2),
+                         "compiled_vs_eager": round(statistics.median([c / e for c, e in zip(comp, eager)]), 4)})
+    return rows
 
 
 def _compiled_copy(buf: torch.Tensor, x: torch.Tensor):

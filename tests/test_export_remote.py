@@ -40,8 +40,11 @@ def test_template_norms_equal_normswap_modules(weight, bias, recenter):
             for p in ours.parameters():
                 p.copy_(torch.randn_like(p))
         theirs.load_state_dict(ours.state_dict(), strict=True)
-        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(ours(x), theirs(x))  # autograd: the defining formulas
         assert torch.equal(ours(x.to(torch.bfloat16)), theirs(x.to(torch.bfloat16)))
+        with torch.no_grad():  # inference: the same fast forms (small inputs: normswap's eager kernel)
+            assert torch.equal(ours(x), theirs(x))
+            assert torch.equal(ours(x.to(torch.bfloat16)), theirs(x.to(torch.bfloat16)))
 
 
 def test_template_centred_embedding_and_new_norm_match():
