@@ -22,8 +22,9 @@ environment variable:
 Autograd (training, or any input that requires grad) always runs the defining tanh formula, and so
 does tracing by an outer torch.compile, which fuses the sigmoid form itself.
 
-RMSNorm takes its statistic through `torch.linalg.vector_norm`: one fused reduction pass instead of
-squaring into a temporary and then averaging it, which makes it faster than LayerNorm in eager mode.
+RMSNorm takes its statistic through `torch.linalg.vector_norm` in eager mode (one fused reduction
+instead of squaring into a temporary and then averaging it: faster than LayerNorm's kernel) and as a
+plain sum of squares under torch.compile (which inductor fuses better than its vector_norm).
 """
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ def dyt_kernel() -> str:
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dimension, the statistic in float32 (as LayerNorm's is)."""
     x32 = x.float()
-    sum_sq = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square()
+    if torch.compiler.is_compiling():
+        # inductor fuses the square into its reduction loop; its vector_norm lowering is ~1.5x slower
+        sum_sq = (x32 * x32).sum(-1, keepdim=True)
+    else:
+        # eager: one fused reduction kernel instead of materialising x^2 and then averaging it
+        sum_sq = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square()
     return (x32 * torch.rsqrt(sum_sq / x.shape[-1] + eps)).to(x.dtype)
 
 

@@ -10,8 +10,9 @@ Variants (all from the same original weights):
   architecture; alpha's value does not change the cost, so no calibration is run).
 
 Forward passes under torch.inference_mode, logits included. Measurements are interleaved in rounds
-(each variant once per round, same shape) and reported as medians; the ratios to the original are
-medians of per-round ratios, so load from other processes affects every variant alike.
+(each variant once per round, same shape, the order reversed every other round) and reported as
+medians; the ratios to the original are medians of per-round ratios, so load from other processes
+affects every variant alike, with a 95% bootstrap interval of that median.
 
     HF_HUB_OFFLINE=1 python scripts/bench_inference.py
     python scripts/bench_inference.py --models small --grid 1x512,8x512 --modes compiled
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -77,13 +79,20 @@ def time_call(fn, device: str, min_time: float, max_iters: int = 50) -> float:
     return statistics.median(times)
 
 
+def bootstrap_ci(ratios: list[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the median per-round ratio: how far the headline ratio can be trusted."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return [round(medians[int(0.025 * n)], 4), round(medians[int(0.975 * n) - 1], 4)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="standin,small")
     ap.add_argument("--grid", default=None, help="batch x seq list (default per model)")
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per variant per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids OpenMP spin-waiting on shared cores)")
     ap.add_argument("--out", type=Path, default=None)
@@ -123,15 +132,17 @@ def main() -> None:
                     dev = {k: float((o - base).abs().max() / base.abs().max()) for k, o in outs.items()}
                     ref_out.setdefault(cell, base)
                     per_round = {k: [] for k in fns}
-                    for _ in range(args.rounds):
-                        for k, fn in fns.items():
-                            per_round[k].append(time_call(fn, device, args.min_time))
+                    order = list(fns)
+                    for r in range(args.rounds):  # alternate the order so that no variant always runs first
+                        for k in (order if r % 2 == 0 else order[::-1]):
+                            per_round[k].append(time_call(fns[k], device, args.min_time))
                 orig = per_round["original"]
                 for k, ts in per_round.items():
                     report["results"].append({
                         "model": model_name, "mode": mode, "batch": b, "seq": s, "variant": k,
                         "median_ms": round(statistics.median(ts) * 1e3, 3),
                         "ratio_to_original": round(statistics.median([t / o for t, o in zip(ts, orig)]), 4),
+                        "ratio_ci95": bootstrap_ci([t / o for t, o in zip(ts, orig)]),
                         "ratio_per_round": [round(t / o, 4) for t, o in zip(ts, orig)],
                         "max_rel_logit_diff_vs_original": dev[k], "warmup_s": round(warm_s, 1),
                     })
@@ -139,9 +150,9 @@ def main() -> None:
                     f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in per_round.items()), file=sys.stderr)
     report["load_avg_end"] = os.getloadavg()
     write_json(out, report)
-    print(f"{'model':>8} {'mode':>9} {'b x s':>7} {'variant':>8} {'ms':>9} {'/orig':>6}")
+    print(f"{'model':>8} {'mode':>9} {'b x s':>7} {'variant':>8} {'ms':>9} {'/orig':>6} {'95% CI':>15}")
     for r in report["results"]:
-        print(f"{r['model']:>8} {r['mode']:>9} {str(r['batch']) + 'x' + str(r['seq']):>7} {r['variant']:>8} {r['median_ms']:>9.2f} {r['ratio_to_original']:>6.3f}")
+        print(f"{r['model']:>8} {r['mode']:>9} {str(r['batch']) + 'x' + str(r['seq']):>7} {r['variant']:>8} {r['median_ms']:>9.2f} {r['ratio_to_original']:>6.3f} {r['ratio_ci95'][0]:>7.3f}-{r['ratio_ci95'][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,13 @@ def test_dyt_inside_an_outer_torch_compile_traces_the_fusable_form():
         want = _reference64(x, m.alpha, m.weight, m.bias)
         want = want - want.mean(-1, keepdim=True)
     assert (got.double() - want).abs().max().item() <= 16 * torch.finfo(torch.float32).eps * _scale(m.weight, m.bias)
+
+
+def test_rmsnorm_compiled_equals_eager_to_rounding():
+    m = RMSNorm(48, 1e-5, weight=True, bias=True).eval()
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.2)
+        m.bias.normal_(0.0, 0.2)
+    x = torch.randn(3, 11, 48) * 2 + 0.3
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(m, dynamic=False)(x), m(x), rtol=2e-6, atol=2e-6)
