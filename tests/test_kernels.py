@@ -172,3 +172,19 @@ def test_rmsnorm_compiled_equals_eager_to_rounding():
     x = torch.randn(3, 11, 48) * 2 + 0.3
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(m, dynamic=False)(x), m(x), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("weight,bias,recenter", [(True, True, False), (True, False, True), (False, True, False), (False, False, True)])
+def test_rmsnorm_inference_in_place_affine_matches_autograd_path_and_leaves_input_alone(weight, bias, recenter):
+    m = RMSNorm(24, 1e-6, weight=weight, bias=bias, recenter=recenter)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.5, 0.3)
+    x = torch.randn(5, 24) * 2
+    x_before = x.clone()
+    with torch.no_grad():
+        fast = m(x)
+    assert torch.equal(x, x_before)
+    assert torch.equal(fast, m(x).detach())  # parameters require grad: the out-of-place path
+    with torch.no_grad():  # float32 parameters on bfloat16 input: promoted like the out-of-place path
+        assert m(x.to(torch.bfloat16)).dtype == (torch.float32 if (weight or bias) else torch.bfloat16)
