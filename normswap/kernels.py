@@ -79,25 +79,36 @@ def dyt_reference(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor | N
     return y + bias if bias is not None else y
 
 
-def _sigmoid_coefficients(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2w, b - w) of the sigmoid form, with w = 1 and b = 0 where the layer has none."""
-    w = weight if weight is not None else torch.ones((), dtype=x.dtype, device=x.device)
-    b = bias if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
-    return 2 * w, b - w
+def _sigmoid_coefficients(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(2w, b - w) of the sigmoid form, with w = 1 and b = 0 where the layer has none.
+
+    Missing parameters become Python numbers rather than 0-d tensors: ATen's broadcast of a 0-d
+    tensor operand is several times slower than its scalar path.
+    """
+    scale = 2 * weight if weight is not None else 2.0
+    if bias is None:
+        shift = -weight if weight is not None else -1.0
+    else:
+        shift = bias - weight if weight is not None else bias - 1.0
+    return scale, shift
 
 
 def dyt_sigmoid_form(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """(2w) * sigmoid(2 alpha x) + (b - w), out of place: the form a compiler fuses into one pass."""
-    scale, shift = _sigmoid_coefficients(x, weight, bias)
+    scale, shift = _sigmoid_coefficients(weight, bias)
     return torch.sigmoid((2 * alpha.to(x.dtype)) * x) * scale + shift
 
 
 def dyt_eager(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """The sigmoid form in one buffer: scale, sigmoid in place, one fused multiply-add into the same buffer."""
-    scale, shift = _sigmoid_coefficients(x, weight, bias)
+    """The sigmoid form in one buffer: scale, sigmoid in place, then one multiply-add into the same buffer."""
+    scale, shift = _sigmoid_coefficients(weight, bias)
     y = torch.mul(x, 2 * alpha.to(x.dtype))
     y.sigmoid_()
-    return torch.addcmul(shift, y, scale, out=y)
+    if isinstance(scale, torch.Tensor):
+        return torch.addcmul(shift, y, scale, out=y)
+    if isinstance(shift, torch.Tensor):
+        return torch.add(shift, y, alpha=scale, out=y)
+    return y.mul_(scale).add_(shift)
 
 
 def _compiled_kernel():

@@ -74,11 +74,17 @@ class DyT(_AffineNorm):
             return self._affine(torch.tanh(self.alpha.to(x.dtype) * x))
         # inference: tanh(z) = 2 sigmoid(2z) - 1, so w tanh(a x) + b = 2w sigmoid(2a x) + (b - w), and
         # sigmoid is the cheaper kernel (normswap's eager inference form, equal to rounding)
-        w = self.weight if self.weight is not None else torch.ones((), dtype=x.dtype, device=x.device)
-        b = self.bias if self.bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+        w, b = self.weight, self.bias
+        scale = 2 * w if w is not None else 2.0
+        shift = (b if b is not None else 0.0) - (w if w is not None else 1.0)
         y = torch.mul(x, 2 * self.alpha.to(x.dtype))
         y.sigmoid_()
-        y = torch.addcmul(b - w, y, 2 * w, out=y)
+        if isinstance(scale, torch.Tensor):
+            y = torch.addcmul(shift, y, scale, out=y)
+        elif isinstance(shift, torch.Tensor):
+            y = torch.add(shift, y, alpha=scale, out=y)
+        else:
+            y = y.mul_(scale).add_(shift)
         return y - y.mean(-1, keepdim=True) if self.recenter else y
 
 
