@@ -1,7 +1,7 @@
 """Forward kernels of the replacement norms: the defining formula for training, faster equivalent
 forms for inference.
 
-DyT on CPU costs almost nothing but its tanh, and ATen's vectorised tanh is about 2.5x slower than
+DyT on CPU costs almost nothing but its tanh, and ATen's vectorised tanh is about 3x slower than
 its sigmoid (`scripts/bench_norms.py`). Inference therefore uses the identity
 tanh(z) = 2 * sigmoid(2z) - 1, which turns
 
