@@ -132,8 +132,9 @@ def dyt_inference(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor | N
                 return fn(x, alpha, weight, bias)
             except Exception as exc:  # noqa: BLE001 - no compiler, unsupported device...: eager is equivalent
                 _state["failed"] = True
-                warnings.warn(f"normswap: the compiled DyT kernel is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                              "using the eager form", RuntimeWarning, stacklevel=2)
+                reason = (str(exc).splitlines() or [""])[0]
+                warnings.warn(f"normswap: the compiled DyT kernel is unavailable ({type(exc).__name__}: {reason}); using the eager form",
+                              RuntimeWarning, stacklevel=2)
     return dyt_eager(x, alpha, weight, bias)
 
 

@@ -23,25 +23,19 @@ class _AffineNorm(nn.Module):
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         """Apply weight, bias and re-centring to `y`, a tensor the caller has just created."""
-        if not torch.is_grad_enabled() and all(p is None or p.dtype == y.dtype for p in (self.weight, self.bias)):
-            # inference: work in y's own buffer; a fresh output would cost a page-faulting
-            # allocation as large as the pass itself. Same arithmetic as below, bit for bit (when
-            # the parameters share y's dtype, so that type promotion would not widen the result).
-            if self.weight is not None and self.bias is not None:
-                torch.addcmul(self.bias, y, self.weight, out=y)
-            elif self.weight is not None:
-                y.mul_(self.weight)
-            elif self.bias is not None:
-                y.add_(self.bias)
-            return y.sub_(y.mean(-1, keepdim=True)) if self.recenter else y
+        # Inference writes into y's own buffer: a fresh output would cost a page-faulting allocation
+        # as large as the pass itself. Same arithmetic either way, bit for bit; only where the
+        # parameters share y's dtype, so that type promotion would not have widened the result.
+        in_place = not torch.is_grad_enabled() and all(p is None or p.dtype == y.dtype for p in (self.weight, self.bias))
+        out = y if in_place else None
         if self.weight is not None and self.bias is not None:
-            y = torch.addcmul(self.bias, y, self.weight)  # one pass over y instead of two
+            y = torch.addcmul(self.bias, y, self.weight, out=out)  # one pass over y instead of two
         elif self.weight is not None:
-            y = y * self.weight
+            y = torch.mul(y, self.weight, out=out)
         elif self.bias is not None:
-            y = y + self.bias
+            y = torch.add(y, self.bias, out=out)
         if self.recenter:
-            y = y - y.mean(-1, keepdim=True)
+            y = torch.sub(y, y.mean(-1, keepdim=True), out=out)
         return y
 
     def extra_repr(self) -> str:

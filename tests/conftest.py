@@ -30,3 +30,14 @@ def standin_path() -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     return _need(asset("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models gain nothing from more, and other jobs share the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

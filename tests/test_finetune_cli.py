@@ -20,12 +20,7 @@ NORMSWAP = str(Path(sys.executable).parent / "normswap")
 FAST = ["--batch-size", "4", "--block-size", "16", "--val-examples", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from normswap.training.tiny import make_tiny_pair, tiny_corpus
 FAST = dict(batch_size=4, block_size=16, lr=3e-3, val_examples=4, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead, and other jobs share the cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

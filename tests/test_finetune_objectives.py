@@ -14,12 +14,7 @@ from normswap.training.objectives import Objective, hidden_mse, kl_loss, lm_loss
 from normswap.training.params import find_readers, param_groups, select_trainable
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt2(seed: int = 0) -> GPT2LMHeadModel:

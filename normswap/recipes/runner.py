@@ -25,7 +25,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -135,32 +135,16 @@ def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | No
     for stage in job.stages:
         cfg = getattr(job, stage).model_dump(mode="json")
         fp = fingerprint({"stage": stage, "config": cfg, "upstream": upstream})
-        if stage == "convert":
-            out = job_dir / "convert"
-            entry = None if force else state.done(stage, fp)
-            if entry is None or not (out / "config.json").is_file():
-                state.forget(stage)
-                t = time.perf_counter()
-                summary = _convert(job, out, job_dir / "convert.json")
-                state.mark(stage, fp, time.perf_counter() - t, summary)
-                entry = state.data[stage]
+        if stage in ("convert", "finetune"):
+            out = job_dir / stage
+            if stage == "convert":
+                role, make = "converted", lambda: _convert(job, out, job_dir / "convert.json")
             else:
-                skipped.append(stage)
-            models["converted"] = str(out)
-            role_fp["converted"] = fp
-        elif stage == "finetune":
-            out = job_dir / "finetune"
-            entry = None if force else state.done(stage, fp)
-            if entry is None or not (out / "config.json").is_file():
-                state.forget(stage)
-                t = time.perf_counter()
-                summary = _finetune(job, models.get("converted", job.model), out, force=force, progress=progress)
-                state.mark(stage, fp, time.perf_counter() - t, summary)
-                entry = state.data[stage]
-            else:
-                skipped.append(stage)
-            models["recovered"] = str(out)
-            role_fp["recovered"] = fp
+                source = models.get("converted", job.model)
+                role, make = "recovered", lambda: _finetune(job, source, out, force=force, progress=progress)
+            entry = _run_once(state, stage, fp, out / "config.json", make, skipped, force)
+            models[role] = str(out)
+            role_fp[role] = fp
         else:  # eval: one sub-stage per model, so an interrupted evaluation keeps what it finished
             evals: dict[str, Any] = {}
             t_eval = 0.0
@@ -169,18 +153,15 @@ def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | No
                     continue
                 key = f"eval:{role}"
                 rfp = fingerprint({"stage": key, "config": cfg, "upstream": role_fp[role]})
-                entry = None if force else state.done(key, rfp)
                 res_file = job_dir / "eval" / role / "results.json"
-                if entry is None or not res_file.is_file():
-                    state.forget(key)
-                    t = time.perf_counter()
-                    res = _evaluate(job, role, models[role], job_dir / "eval" / role, run_dir, force=force, progress=progress)
-                    state.mark(key, rfp, time.perf_counter() - t, {"results": str(res_file)})
-                    entry = state.data[key]
-                else:
-                    skipped.append(key)
-                    res = json.loads(res_file.read_text())["results"]
-                evals[role] = res
+                fresh: dict[str, Any] = {}  # this run's results as returned, when the stage runs now
+
+                def evaluate() -> dict[str, Any]:  # called at once, inside this iteration
+                    fresh["res"] = _evaluate(job, role, models[role], job_dir / "eval" / role, run_dir, force=force, progress=progress)
+                    return {"results": str(res_file)}
+
+                entry = _run_once(state, key, rfp, res_file, evaluate, skipped, force)
+                evals[role] = fresh["res"] if "res" in fresh else json.loads(res_file.read_text())["results"]
                 t_eval += entry["seconds"]
             summaries["eval"] = evals
             timings["eval"] = t_eval
@@ -191,6 +172,21 @@ def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | No
     if skipped:
         logger.info("job %s: skipped complete stage(s) %s (use --force to redo)", job.name, ", ".join(skipped))
     return job_results(job, job_dir, models, summaries, timings, skipped)
+
+
+def _run_once(state: _State, key: str, fp: str, output: Path, run: Callable[[], dict[str, Any]],
+              skipped: list[str], force: bool) -> dict[str, Any]:
+    """Run a stage unless an earlier run with the same fingerprint finished it and left `output`;
+    returns the stage's state entry (summary and seconds)."""
+    entry = None if force else state.done(key, fp)
+    if entry is not None and output.is_file():
+        skipped.append(key)
+        return entry
+    state.forget(key)
+    t = time.perf_counter()
+    summary = run()
+    state.mark(key, fp, time.perf_counter() - t, summary)
+    return state.data[key]
 
 
 # ---------------------------------------------------------------------------------------- stages

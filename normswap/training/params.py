@@ -11,18 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normswap.archs.plan import is_linear
+from normswap.archs.plan import is_norm as is_source_norm
 from normswap.errors import NormswapError
-from normswap.modules import DyT, RMSNorm
+from normswap.modules import DyT
 
 TRAIN_MODES = ("all", "norms", "norms+readers")
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalisation layer: normswap's replacements, torch's and transformers' LayerNorm/RMSNorm."""
-    if isinstance(module, (DyT, RMSNorm, nn.LayerNorm, nn.RMSNorm)):
-        return True
+    """A normalisation layer: the norms conversion starts from (`archs.plan.is_norm`, which covers
+    normswap's RMSNorm too), DyT, training's FadeNorm, and custom *LayerNorm classes."""
     name = type(module).__name__
-    return name.endswith(("LayerNorm", "RMSNorm")) or name == "FadeNorm"
+    return is_source_norm(module) or isinstance(module, DyT) or name.endswith("LayerNorm") or name == "FadeNorm"
 
 
 def norm_paths(model: nn.Module) -> list[str]:
@@ -32,10 +33,6 @@ def norm_paths(model: nn.Module) -> list[str]:
         if is_norm(m) and not any(path.startswith(p + ".") for p in out):
             out.append(path)
     return out
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def find_readers(model: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -65,7 +62,7 @@ def find_readers(model: nn.Module, example: dict[str, torch.Tensor]) -> dict[str
     for p in norms:
         handles.append(modules[p].register_forward_hook(on_norm(p)))
     for p, m in modules.items():
-        if _is_linear(m):
+        if is_linear(m):
             handles.append(m.register_forward_pre_hook(on_linear(p)))
     was_training = model.training
     model.eval()
