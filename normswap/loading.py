@@ -7,19 +7,18 @@ transformers refuses that model type with an error instead of silently rebuildin
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.log import logger
+from normswap.outputs import atomic_output  # noqa: F401  (re-exported: the streaming path uses it)
 from normswap.record import ConversionRecord, apply_structure
 
 WEIGHTS_NAME = "model.safetensors"
@@ -32,39 +31,61 @@ _NOT_COPIED = {CONFIG_NAME, "README.md", ".gitattributes"}
 
 
 def is_converted(path: str | os.PathLike) -> bool:
-    """True if `path` is a folder written by `normswap.save`."""
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
+    """True if `path` is a folder written by `normswap.save` (model_type "normswap" or a `normswap`
+    section in config.json). An unreadable or invalid config.json is an error, not "no"."""
+    if not (Path(path) / CONFIG_NAME).is_file():
         return False
-    try:
-        return MODEL_TYPE in json.loads(cfg.read_text()).get("normswap", {}) or json.loads(cfg.read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError):
-        return False
+    cfg = _read_config(path)
+    return cfg.get("model_type") == MODEL_TYPE or "normswap" in cfg
+
+
+def _read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a model folder as a dict: a JSON object whose `model_type` and `architectures`
+    have the types transformers expects; otherwise one NormswapError naming the file."""
+    from normswap.integrity import read_json_object
+
+    file = Path(folder) / CONFIG_NAME
+    cfg = read_json_object(file)
+    if "model_type" in cfg and not isinstance(cfg["model_type"], str):
+        raise NormswapError(f"invalid {file}: model_type must be a string, got {type(cfg['model_type']).__name__}")
+    archs = cfg.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise NormswapError(f"invalid {file}: architectures must be a list of class names")
+    return cfg
 
 
 def read_record(path: str | os.PathLike) -> tuple[ConversionRecord, dict[str, Any]]:
-    """The conversion record and the base config dict of a converted folder."""
-    cfg = json.loads((Path(path) / CONFIG_NAME).read_text())
+    """The conversion record (validated, see `ConversionRecord.from_dict`) and the base config dict
+    of a converted folder."""
+    cfg = _read_config(path)
     if "normswap" not in cfg:
         raise NormswapError(f"{path} is not a normswap checkpoint (config.json has no 'normswap' section)")
-    record = ConversionRecord.from_dict(cfg.pop("normswap"))
+    record = ConversionRecord.from_dict(cfg.pop("normswap"), where=Path(path) / CONFIG_NAME)
     cfg["model_type"] = record.base_model_type
     return record, cfg
 
 
 def check_source(name_or_path: str) -> Path | None:
-    """Local folder checks with clear errors; None for something that can only be a Hub id."""
+    """Local folder checks with clear errors; None for something that can only be a Hub id.
+
+    A local folder's config.json must be a valid JSON object and every safetensors header valid
+    (`normswap.integrity`), so a damaged file is one error here, before any model is built."""
+    from normswap.integrity import read_checkpoint, weight_files
+
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not p.is_dir():
             raise NormswapError(f"{name_or_path} is a file, not a model folder")
         if not (p / CONFIG_NAME).is_file():
             raise NormswapError(f"{name_or_path} is not a model folder (no config.json)")
+        _read_config(p)
         names = [f.name for f in p.iterdir()]
         if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
             if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
                 raise NormswapError(f"{name_or_path} has only pickle weights (.bin); normswap loads safetensors only")
             raise NormswapError(f"{name_or_path} has no weights (no *.safetensors file)")
+        files, weight_map = weight_files(p, any_name=True)
+        read_checkpoint(files, weight_map, p / WEIGHTS_INDEX_NAME)
         return p
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -73,15 +94,56 @@ def check_source(name_or_path: str) -> Path | None:
 
 
 def _architecture_class(config: Any, auto_class: Any = None) -> Any:
+    """The model class a source config names in `architectures` (AutoModel where it names none).
+
+    An entry that names no transformers model class (nor a class of the model's own code through
+    `auto_map`) is an error: falling back to AutoModel would give the bare body without its head."""
     import transformers
 
     if auto_class is not None:
         return auto_class
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
+    archs = getattr(config, "architectures", None) or []
+    if isinstance(archs, str) or not isinstance(archs, (list, tuple)):
+        archs = [archs]
+    found = []
+    for arch in archs:
+        cls = _model_class(arch) if isinstance(arch, str) else None
+        if cls is None and isinstance(arch, str):
+            cls = _remote_auto_class(config, arch)
+        if cls is None:
+            where = getattr(config, "_name_or_path", "") or "the model"
+            raise NormswapError(f"config.json of {where}: architectures entry {str(arch)[:80]!r} names no transformers model class")
+        found.append(cls)
+    return found[0] if found else transformers.AutoModel
+
+
+def _model_class(name: str) -> Any:
+    """transformers.<name> if it is a model class (a PreTrainedModel subclass), else None."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    if not name.isidentifier() or name.startswith("_"):
+        return None
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # noqa: BLE001 - a lazy import of an optional backend failing
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls is not PreTrainedModel else None
+
+
+def _remote_auto_class(config: Any, arch: str) -> Any:
+    """The Auto class whose `auto_map` entry is the model's own class `arch` (remote code)."""
+    import transformers
+
+    auto_map = getattr(config, "auto_map", None)
+    if not isinstance(auto_map, dict):
+        return None
+    for auto_name, ref in auto_map.items():
+        if isinstance(ref, str) and ref.rsplit(".", 1)[-1] == arch and str(auto_name).startswith("AutoModel"):
+            cls = getattr(transformers, str(auto_name), None)
+            if cls is not None:
+                return cls
+    return None
 
 
 def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -91,8 +153,8 @@ def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_
     check_source(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except ValueError as err:  # unknown model_type and the like
-        raise NormswapError(f"cannot read the config of {name_or_path}: {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # unknown model_type, ill-typed fields...
+        raise NormswapError(f"cannot read the config of {name_or_path}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__}") from None
     except OSError as err:
         raise NormswapError(f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
 
@@ -103,15 +165,22 @@ def load_pretrained(
     auto_class: Any = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     allow_new_head: bool = False,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Load a model from a local folder or the Hub: a plain checkpoint or a normswap one.
 
-    Weights are read from safetensors only (never unpickled). The model comes back in eval mode.
+    Weights are read from safetensors only (never unpickled). The model comes back in eval mode,
+    its floating weights in `dtype`: float32 by default, "auto" for the checkpoint's own (the
+    dominant floating dtype of its stored tensors, see `normswap.conversion.resolve_dtypes`).
     """
     local = check_source(name_or_path)
+    if isinstance(dtype, str):
+        from normswap.conversion import resolve_dtypes
+
+        config = None if local is not None else load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        dtype = resolve_dtypes(dtype, source=local, config=config)[0]
     if local is not None and is_converted(local):
         return load(local, auto_class=auto_class, allow_new_head=allow_new_head, dtype=dtype, **model_kwargs)
     config = load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -134,9 +203,28 @@ def load_pretrained(
     missing = [k for k in info.get("missing_keys", []) if not _is_head_key(model, k)]
     if missing:
         raise NormswapError(f"weights of {name_or_path} are incomplete: {len(missing)} missing, e.g. {missing[0]}")
+    if local is not None:
+        _check_source_weights(model, local)
     model.eval()
     model.config._normswap_source = {"model": str(name_or_path), "revision": revision}
     return model
+
+
+def _check_source_weights(model: nn.Module, folder: Path) -> None:
+    """A plain checkpoint's weights as from_pretrained loaded them: an integer tensor stored for a
+    floating parameter (which from_pretrained casts without a word) and non-finite values are
+    errors, since a conversion of them could only be garbage."""
+    from normswap.integrity import check_values, read_checkpoint, weight_files
+
+    files, weight_map = weight_files(folder, any_name=True)
+    stored = {name: (h.file, t) for h in read_checkpoint(files, weight_map, folder / WEIGHTS_INDEX_NAME) for name, t in h.tensors.items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, param in model.named_parameters():
+        short = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+        hit = stored.get(name) or stored.get(short) or (stored.get(f"{prefix}.{name}") if prefix else None)
+        if hit is not None and param.is_floating_point() and not hit[1].torch_dtype.is_floating_point:
+            raise NormswapError(f"{hit[0]}: tensor {hit[1].name} has dtype {hit[1].torch_dtype}, but {name} is a floating-point parameter")
+        check_values(name, param.detach(), hit[0] if hit is not None else folder)
 
 
 def _is_head_key(model: nn.Module, key: str) -> bool:
@@ -146,15 +234,27 @@ def _is_head_key(model: nn.Module, key: str) -> bool:
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """The tokenizer stored with a model (None if it has none)."""
+    """The tokenizer stored with a model (None if it has none).
+
+    For a local folder, an invalid config.json or tokenizer files that fail to load are an error
+    naming the folder, not "no tokenizer"."""
     from transformers import AutoTokenizer
 
     local = Path(str(name_or_path))
-    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
-        return None  # transformers would otherwise build an empty tokenizer from nothing
+    if local.is_dir():
+        if (local / CONFIG_NAME).is_file():
+            _read_config(local)
+        if not any((local / f).exists() for f in _TOKENIZER_FILES):
+            return None  # transformers would otherwise build an empty tokenizer from nothing
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+    except ImportError as err:  # a tokenizer backend (sentencepiece, tiktoken...) is not installed
+        logger.warning("cannot load the tokenizer of %s: %s", name_or_path, str(err).strip().splitlines()[0][:200] if str(err).strip() else err)
+        return None
     except Exception as err:  # no tokenizer files, unknown class...
+        if local.is_dir():  # files that are there but do not load: damaged, not absent
+            msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise NormswapError(f"cannot load the tokenizer files of {name_or_path}: {msg}") from None
         logger.debug("no tokenizer for %s: %s", name_or_path, err)
         return None
     return tok if len(tok) > 1 else None
@@ -177,65 +277,114 @@ def load(
     re-applied, and then every tensor in the file must find a parameter and every parameter a
     tensor: a missing or unexpected key is an error. `auto_class` picks another head for the same
     body (e.g. AutoModelForSequenceClassification for GLUE); with `allow_new_head` the head
-    parameters that the file lacks are left at their fresh initialisation.
+    parameters that the file lacks are left at their fresh initialisation. The model comes back in
+    `dtype`, by default the dtype its weights were saved in.
+
+    Before anything is built, the record is validated (`ConversionRecord.from_dict`), every
+    safetensors header too (`normswap.integrity`), and the record's digest is recomputed over the
+    record and the files' tensor names, dtypes and shapes: a mismatch means they were modified.
     """
     import transformers
     from transformers import AutoConfig
+
+    from normswap.integrity import read_checkpoint, weight_files
 
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise NormswapError(f"{path} is not a model folder (no config.json)")
     record, cfg = read_record(path)
+    files, weight_map = weight_files(path)
+    headers = read_checkpoint(files, weight_map, path / WEIGHTS_INDEX_NAME)
+    modified = not _check_digest(record, headers, path)
     cfg.pop("model_type")
     cfg.pop("transformers_version", None)
     cfg.update(config_overrides)
-    config = AutoConfig.for_model(record.base_model_type, **cfg)
     cls = auto_class or getattr(transformers, record.architecture, None)
     if cls is None:
         raise NormswapError(f"{path}: architecture {record.architecture} is not in this transformers version")
-    model = cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
-    apply_structure(model, record)
-    _load_weights_strict(model, path, allow_new_head=allow_new_head)
+    try:
+        config = AutoConfig.for_model(record.base_model_type, **cfg)
+        model = cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError, AssertionError) as err:
+        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise NormswapError(f"cannot build {record.architecture} from {path / CONFIG_NAME}: {msg}") from None
+    apply_structure(model, record, path / CONFIG_NAME)
+    _load_weights_strict(model, path, allow_new_head=allow_new_head, headers=headers, modified=modified)
+    if dtype is None and record.dtype is not None:  # the dtype it was saved in (None: as built, float32)
+        dtype = getattr(torch, record.dtype)
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
     return model
 
 
-def _load_weights_strict(model: nn.Module, path: Path, *, allow_new_head: bool) -> None:
+_MODIFIED = "the conversion record or the weights were modified after saving (the integrity digest in config.json does not match them)"
+
+
+def _check_digest(record: ConversionRecord, headers: list[Any], path: Path) -> bool:
+    """Whether the record's digest matches the record and the weights' headers. A record without
+    one (saved by an older normswap) passes, with a logged warning."""
+    from normswap.integrity import record_digest, tensor_list
+
+    if record.digest is None:
+        logger.warning("%s has no integrity digest (saved by an older normswap): loading it without checking "
+                       "that its conversion record and weights belong together", path)
+        return True
+    return record_digest(record.to_dict(), tensor_list(headers)) == record.digest
+
+
+def _load_weights_strict(model: nn.Module, path: Path, *, allow_new_head: bool, headers: list[Any] | None = None,
+                         modified: bool = False) -> None:
+    """Load the folder's weights into `model`: every tensor must find a parameter or buffer of the
+    same shape and a compatible dtype (floating for floating, exact otherwise) and every parameter
+    a tensor; parameters must be finite. `headers` are the files' validated headers (read here if
+    not given); `modified` (a digest mismatch) is reported with the first other error found, or alone."""
     from safetensors.torch import load_file
 
-    file = path / WEIGHTS_NAME
-    index = path / WEIGHTS_INDEX_NAME
-    if file.is_file():
-        files = [file]
-    elif index.is_file():  # sharded (written by the streaming conversion)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise NormswapError(f"corrupt {index}") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        file = index
-    else:
-        raise NormswapError(f"{path} has no {WEIGHTS_NAME}")
+    from normswap.integrity import check_values, read_checkpoint, tensor_mismatch, weight_files
+
+    if headers is None:
+        files, weight_map = weight_files(path)
+        headers = read_checkpoint(files, weight_map, path / WEIGHTS_INDEX_NAME)
+    file = path / WEIGHTS_INDEX_NAME if len(headers) > 1 or headers[0].file.name != WEIGHTS_NAME else headers[0].file
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    origin: dict[str, Path] = {}
+    for h in headers:
         try:
-            state.update(load_file(str(f)))
-        except Exception as err:
-            raise NormswapError(f"corrupt or truncated weights in {f}: {str(err).splitlines()[0][:200]}") from None
-    state = _match_prefix(model, state)
-    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    result = model.load_state_dict(state, strict=False)
-    # Tied parameters appear under several names; the file stores one of them.
-    loaded_ids = {id(own[k]) for k in state if k in own}
-    missing = [k for k in result.missing_keys if id(own.get(k)) not in loaded_ids]
+            part = load_file(str(h.file))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise NormswapError(f"corrupt or truncated weights in {h.file}: {str(err).strip().splitlines()[0][:200]}") from None
+        if set(part) != set(h.tensors):
+            raise NormswapError(f"corrupt or truncated weights in {h.file}: the file changed while it was read")
+        state.update(part)
+        origin.update(dict.fromkeys(part, h.file))
+    names = _match_prefix(model, {k: k for k in state})  # model key -> key in the file
+    state = {k: state[old] for k, old in names.items()}
+    expected = model.state_dict(keep_vars=True)
+    unexpected = [k for k in state if k not in expected]
+    loaded_ids = {id(expected[k]) for k in state if k in expected}
+    missing = [k for k in expected if id(expected[k]) not in loaded_ids]
     if allow_new_head:
         missing = [k for k in missing if not _is_head_key(model, k)]
-    if missing or result.unexpected_keys:
-        what = (f"missing {missing[:3]}" if missing else "") + (" " if missing and result.unexpected_keys else "") + (
-            f"unexpected {result.unexpected_keys[:3]}" if result.unexpected_keys else "")
-        raise NormswapError(f"{file} does not match the recorded architecture: {what}")
+    if missing or unexpected:
+        what = (f"missing {missing[:3]}" if missing else "") + (" " if missing and unexpected else "") + (
+            f"unexpected {unexpected[:3]}" if unexpected else "")
+        raise NormswapError(f"{file} does not match the recorded architecture: {what}" + (f"; {_MODIFIED}" if modified else ""))
+    also = f"; {_MODIFIED}" if modified else ""
+    for k, t in state.items():
+        why = tensor_mismatch(t.dtype, t.shape, expected[k])
+        if why is not None:
+            raise NormswapError(f"{origin[names[k]]}: tensor {names[k]} {why}{also}")
+    if modified:
+        raise NormswapError(f"{path}: {_MODIFIED}")
+    params = {id(p) for p in model.parameters()}
+    for k, t in state.items():
+        if id(expected[k]) in params:
+            check_values(names[k], t, origin[names[k]])
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise NormswapError(f"{file} does not match the recorded architecture: {str(err).strip().splitlines()[-1][:200]}") from None
 
 
 def _match_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -260,16 +409,18 @@ def save(
     tokenizer: Any = None,
     copy_from: str | os.PathLike | None = None,
     overwrite: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> Path:
     """Write a converted model to `out` atomically: a temporary folder moved into place when complete.
 
     Besides weights and config, the source's auxiliary files (tokenizer, pooling config...) are
     copied from `copy_from`, and the tokenizer (if given) is saved so the folder is self-contained.
+    `out` may not be, contain or lie inside `copy_from` or any of `inputs` (name -> path).
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs={"source model": copy_from, **(inputs or {})}) as tmp:
         if copy_from is not None and Path(copy_from).is_dir():
             _copy_aux_files(Path(copy_from), tmp)
         if tokenizer is not None:
@@ -279,38 +430,24 @@ def save(
     return out
 
 
-@contextlib.contextmanager
-def atomic_output(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside `out`, moved into place only if the block completes.
-
-    An existing `out` is refused unless `overwrite`; on any error (or Ctrl-C) the temporary folder
-    is removed and `out` is left as it was.
-    """
-    if out.exists() and not overwrite:
-        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_config(folder: Path, config: Any, record: ConversionRecord) -> None:
-    """config.json of a converted checkpoint: the base config, model_type "normswap", the record."""
+    """config.json of a converted checkpoint: the base config, model_type "normswap", the record.
+
+    Runs after the weights are in `folder`: the record (validated as `normswap.load` will read it)
+    gets a digest over itself and the written tensors' names, dtypes and shapes."""
+    from normswap.integrity import read_checkpoint, record_digest, tensor_list, weight_files
+
+    files, weight_map = weight_files(folder)
+    headers = read_checkpoint(files, weight_map, folder / WEIGHTS_INDEX_NAME)
+    as_read = json.loads(json.dumps({**record.to_dict(), "digest": None}, default=str))
+    checked = ConversionRecord.from_dict(as_read, where="the record being saved").to_dict()
+    digest = record_digest(checked, tensor_list(headers))
+    record.digest = digest
     cfg = config.to_dict()
     cfg.pop("_normswap_source", None)
     cfg["model_type"] = MODEL_TYPE
     cfg["architectures"] = [record.architecture]
-    cfg["normswap"] = record.to_dict()
+    cfg["normswap"] = {**checked, "digest": digest}
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
 
 

@@ -52,70 +52,57 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 class SafetensorsReader:
-    """Tensors of one or more safetensors files, read one at a time with plain reads."""
+    """Tensors of one or more safetensors files, read one at a time with plain reads.
 
-    def __init__(self, files: list[Path]):
-        self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # key -> (file, data start, header entry)
-        for f in files:
-            try:
-                with open(f, "rb") as fh:
-                    n = struct.unpack("<Q", fh.read(8))[0]
-                    if n > 100_000_000:
-                        raise ValueError("header too large")
-                    header = json.loads(fh.read(n))
-                size = f.stat().st_size
-            except (OSError, ValueError, struct.error) as err:
-                raise NormswapError(f"corrupt or truncated weights in {f}: {err}") from None
-            header.pop("__metadata__", None)
-            for key, entry in header.items():
-                start, end = entry["data_offsets"]
-                if entry["dtype"] not in _DTYPES or 8 + n + end > size:
-                    raise NormswapError(f"corrupt or truncated weights in {f}: tensor {key}")
-                self.entries[key] = (f, 8 + n, entry)
+    Every header is validated up front (`normswap.integrity.read_header`: as strict as the
+    safetensors library), and a tensor in two files is refused, so a corrupt file is one error
+    before anything is computed, never a wrong or NaN tensor later.
+    """
+
+    def __init__(self, files: list[Path], weight_map: dict[str, str] | None = None, index: Path | None = None):
+        from normswap.integrity import read_checkpoint
+
+        self.entries: dict[str, tuple[Path, int, Any]] = {}  # key -> (file, data start, TensorInfo)
+        for h in read_checkpoint(list(files), weight_map, index):
+            for key, info in h.tensors.items():
+                self.entries[key] = (h.file, h.data_start, info)
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def dtype(self, key: str) -> torch.dtype:
-        return _DTYPES[self.entries[key][2]["dtype"]]
+        return self.entries[key][2].torch_dtype
 
     def shape(self, key: str) -> list[int]:
-        return list(self.entries[key][2]["shape"])
+        return list(self.entries[key][2].shape)
 
     def nbytes(self, key: str) -> int:
-        start, end = self.entries[key][2]["data_offsets"]
-        return end - start
+        return self.entries[key][2].nbytes
 
     def get(self, key: str) -> torch.Tensor:
-        f, base, entry = self.entries[key]
-        start, end = entry["data_offsets"]
-        t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-        if end > start:
+        from normswap.integrity import corrupt
+
+        f, base, info = self.entries[key]
+        t = torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.nbytes:
             buf = t.reshape(-1).view(torch.uint8).numpy()
-            with open(f, "rb", buffering=0) as fh:
-                fh.seek(base + start)
-                got = fh.readinto(memoryview(buf))
-            if got != end - start:
-                raise NormswapError(f"corrupt or truncated weights in {f}: tensor {key}")
+            try:
+                with open(f, "rb", buffering=0) as fh:
+                    fh.seek(base + info.start)
+                    got = fh.readinto(memoryview(buf))
+            except OSError as err:
+                raise NormswapError(f"cannot read weights {f}: {err.strerror or err}") from None
+            if got != info.nbytes:
+                raise corrupt(f, f"tensor {key} is cut short (the file changed while it was read?)")
         return t
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder (through its index when sharded)."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise NormswapError(f"corrupt {index}") from None
-        return [folder / f for f in dict.fromkeys(weight_map.values())]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise NormswapError(f"{folder} has no weights (no *.safetensors file)")
-    return files
+    """The safetensors files of a checkpoint folder: `model.safetensors`, else the shards named by
+    a (validated) index, else every `*.safetensors` file (see `normswap.integrity.weight_files`)."""
+    from normswap.integrity import weight_files
+
+    return weight_files(folder, any_name=True)[0]
 
 
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
@@ -235,6 +222,8 @@ class _Plan:
     folds: dict[str, list[str]] = field(default_factory=dict)  # reader path -> site paths folded into it, in order
     conv1d: set[str] = field(default_factory=set)
     sites: dict[str, Any] = field(default_factory=dict)  # site path -> (Site, SiteRecord, old class name, has g, has b)
+    # the working dtype (`normswap.conversion.resolve_dtypes`): source tensors are read in it and
+    # each result is rounded to it, then cast to the planned output dtype
     float_dtype: torch.dtype = torch.float32
 
 
@@ -284,9 +273,15 @@ def _match_source_keys(model: nn.Module, reader: SafetensorsReader) -> dict[str,
     stored: dict[str, str] = {}  # model name -> file key
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = []
+    from normswap.integrity import tensor_mismatch
+
+    state = model.state_dict(keep_vars=True)
     for key in reader.keys():
         name = rename(key)
         if name in persistent:
+            why = tensor_mismatch(reader.dtype(key), reader.shape(key), state[name])
+            if why:  # from_pretrained would cast an integer tensor into a float parameter silently
+                raise NormswapError(f"checkpoint tensor {key} {why}")
             stored[name] = key
         elif not any(r.search(key) for r in ignore):
             unexpected.append(key)
@@ -324,15 +319,20 @@ def stream_convert(
     max_shard_size: int = DEFAULT_SHARD_BYTES,
     copy_aux: bool = True,
     save_tokenizer: bool = True,
+    dtype: str | torch.dtype | None = "auto",
 ) -> Any:
     """Convert the checkpoint folder `source` into `out` without loading it; returns a ConversionResult.
 
-    Same tensors and conversion record as `normswap.convert(source, to, fold=..., tied_head=...)`
-    followed by `normswap.save`, for the conversions that need no calibration (see `streamable`).
+    Same tensors and conversion record as `normswap.convert(source, to, fold=..., tied_head=...,
+    dtype=...)` followed by `normswap.save`, for the conversions that need no calibration (see
+    `streamable`). `dtype` is the output's floating dtype ("auto": the source's own, see
+    `normswap.conversion.resolve_dtypes`, which also gives the working dtype the maths rounds to).
     """
     from normswap import __version__
-    from normswap.conversion import TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, plan_conversion
+    from normswap.conversion import (TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, dtype_name,
+                                     parse_dtype, plan_conversion, resolve_dtypes)
     from normswap.loading import _architecture_class, atomic_output, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
+    from normswap.outputs import check_output
     from normswap.record import ConversionRecord
 
     t0 = time.perf_counter()
@@ -340,6 +340,7 @@ def stream_convert(
         raise NormswapError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
     if tied_head not in TIED_HEAD_CHOICES:
         raise NormswapError(f"unknown --tied-head {tied_head!r}: choose one of {', '.join(TIED_HEAD_CHOICES)}")
+    parse_dtype(dtype)
     why = streamable(to, alpha_init)
     if why:
         raise NormswapError(f"cannot convert with low memory: {why}")
@@ -348,12 +349,11 @@ def stream_convert(
         raise NormswapError(f"low-memory conversion needs a local model folder, not a Hub id ({source})")
     if is_converted(src):
         raise NormswapError(f"{source} is already a normswap checkpoint: streaming converts plain checkpoints only")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
+    out = check_output(out, overwrite=overwrite, inputs={"source model": src})
 
+    out_dtype, work_dtype, dtype_warnings = resolve_dtypes(dtype, source=src)
     config = load_config(str(source))
-    config.dtype = torch.float32  # as load_pretrained's from_pretrained(dtype=float32) leaves it
+    config.dtype = out_dtype  # as the in-memory path leaves it
     cls = _architecture_class(config)
     model = _meta_model(config, cls)
     reader = SafetensorsReader(checkpoint_files(src))
@@ -364,9 +364,10 @@ def stream_convert(
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
         family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
-        source={"model": str(source), "revision": None}, version=__version__,
+        source={"model": str(source), "revision": None}, version=__version__, dtype=dtype_name(out_dtype),
     )
-    sp = _Plan(source_key)
+    warnings = dtype_warnings + warnings
+    sp = _Plan(source_key, float_dtype=work_dtype)
     with torch.no_grad():
         if centre:
             from normswap.surgery.centre import writer_dims, writer_target
@@ -382,21 +383,25 @@ def stream_convert(
                 else:
                     sp.centre[path] = writer_dims(target)
         _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp, _fold_blocker)
+    for rec in record.sites:  # alpha as the in-memory path saves it: float32, then the working and output dtypes
+        if rec.alpha is not None:
+            rec.alpha = float(torch.tensor(rec.alpha, dtype=torch.float32).to(work_dtype).to(out_dtype))
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
     if record.tied_head == "untie":
         model.config.tie_word_embeddings = False
 
-    # -- output tensors: the converted meta model's state dict, each tensor once -------------------
+    # -- output tensors: the converted meta model's state dict, each tensor once; floating ones in
+    # the output dtype ------------------------------------------------------------------------------
     out_plan: list[tuple[str, list[int], torch.dtype]] = []
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:
             continue
         seen.add(id(t))
-        out_plan.append((name, list(t.shape), t.dtype))
+        out_plan.append((name, list(t.shape), out_dtype if t.is_floating_point() else t.dtype))
 
     tokenizer = load_tokenizer(str(src)) if save_tokenizer else None
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs={"source model": src}) as tmp:
         if copy_aux:
             _copy_aux_files(src, tmp)
         if tokenizer is not None:
@@ -462,7 +467,8 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
 
 
 class _Computer:
-    """Computes each output tensor from the source tensors."""
+    """Computes each output tensor from the source tensors: in the working dtype (`_Plan.float_dtype`,
+    the dtype the in-memory path loads the model in), then cast to the planned output dtype."""
 
     def __init__(self, model: nn.Module, reader: SafetensorsReader, sp: _Plan):
         self.reader, self.sp = reader, sp
@@ -471,10 +477,14 @@ class _Computer:
         self.alpha: dict[str, float] = {p: rec.alpha for p, (_, rec, *_r) in sp.sites.items() if rec.alpha is not None}
         self.had_bias = {n for n in sp.source_key if n.endswith(".bias")}
 
-    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = self.reader.get(self.sp.source_key[name])
-        if t.is_floating_point() and (dtype or self.sp.float_dtype) != t.dtype:
-            t = t.to(dtype or self.sp.float_dtype)
+    def load(self, name: str) -> torch.Tensor:
+        from normswap.integrity import check_values
+
+        key = self.sp.source_key[name]
+        t = self.reader.get(key)
+        check_values(key, t, self.reader.entries[key][0])  # a conversion of NaN weights is garbage
+        if t.is_floating_point() and self.sp.float_dtype != t.dtype:
+            t = t.to(self.sp.float_dtype)
         return t
 
     def affine(self, site: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -483,12 +493,18 @@ class _Computer:
             _, _, kind, has_g, has_b = self.sp.sites[site]
             g = self.load(site + ".weight") if has_g else None
             if g is not None and kind.startswith("Gemma"):
-                g = 1.0 + g
+                g = 1.0 + g.float()  # as `conversion._affine`
             b = self.load(site + ".bias") if has_b else None
             self.affines[site] = (g, b)
         return self.affines[site]
 
     def __call__(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self._compute(key, dtype)
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # working -> output dtype, as the in-memory path's final cast
+        return t
+
+    def _compute(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         if key in self.pending:
             return self.pending.pop(key)
         path, _, attr = key.rpartition(".")
@@ -497,34 +513,34 @@ class _Computer:
             site, rec, *_ = sp.sites[path]
             g, b = self.affine(path)
             if attr == "alpha":
-                return torch.tensor(self.alpha[path], dtype=dtype)
+                return torch.tensor(self.alpha[path], dtype=dtype)  # recorded as saved
             if attr == "weight":
-                return (g if g is not None else torch.ones(site.dim)).to(dtype).clone()
-            return (b if b is not None else torch.zeros(site.dim)).to(dtype).clone()
+                return (g if g is not None else torch.ones(site.dim)).clone()
+            return (b if b is not None else torch.zeros(site.dim)).clone()
         if key in sp.centre and "" in sp.centre[key]:  # a bare parameter writer (ViT's CLS token)
             from normswap.surgery.centre import centre_tensor_
 
-            t = self.load(key, dtype)
+            t = self.load(key)
             centre_tensor_(t, -1)
             return t
         if attr in ("weight", "bias") and (path in sp.centre or path in sp.folds):
-            weight, bias = self._group(path, dtype)
+            weight, bias = self._group(path)
             if attr == "weight":
                 if bias is not None:
                     self.pending[path + ".bias"] = bias
                 return weight
             return bias
-        return self.load(key, dtype)
+        return self.load(key)
 
-    def _group(self, path: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _group(self, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A writer and/or reader linear: centred first (all writers are centred before any fold),
         then each of its norms folded in, in site order (as `normswap.convert` does)."""
         from normswap.surgery.centre import centre_tensor_
         from normswap.surgery.fold import fold_tensors
 
         sp = self.sp
-        weight = self.load(path + ".weight", dtype)
-        bias = self.load(path + ".bias", dtype) if path + ".bias" in self.had_bias else None
+        weight = self.load(path + ".weight")
+        bias = self.load(path + ".bias") if path + ".bias" in self.had_bias else None
         for attr, dim in sp.centre.get(path, {}).items():
             centre_tensor_(weight if attr == "weight" else bias, dim)
         for site in sp.folds.get(path, []):
