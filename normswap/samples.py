@@ -20,14 +20,36 @@ def default_text() -> str:
 
 def read_text(path: str | Path) -> str:
     """A text file read as-is (UTF-8, universal newlines), refusing a missing, non-UTF-8 or empty
-    file. The one reader for calibration, verification and evaluation text."""
+    file. The one reader for calibration, verification and evaluation text.
+
+    Every refusal is one line: a directory or a non-regular file (FIFO, device), an unreadable
+    file, bytes that are not UTF-8 or a NUL byte (both naming the line), a file with no text.
+    Lines have no length cap: the whole text is tokenised at once whatever its line breaks (text8
+    is one 100 MB line), and tokenising one long line costs what the same text on many lines does.
+    """
+    import re
+
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise NormswapError(f"text file {path} is a directory, not a file")
+    if not p.exists():
         raise NormswapError(f"text file {path} not found")
+    if not p.is_file():  # reading a FIFO or a device could block or never end
+        raise NormswapError(f"text file {path} is not a regular file")
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise NormswapError(f"{path} is not UTF-8 text") from None
+        raw = p.read_bytes()
+    except OSError as err:
+        raise NormswapError(f"cannot read text file {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = len(re.findall(rb"\r\n|\r|\n", raw[:err.start])) + 1
+        raise NormswapError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = len(re.findall(r"\r\n|\r|\n", text[:nul])) + 1
+        raise NormswapError(f"{path}:{line}: NUL byte in the text (a binary file?)")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
     if not text.strip():
         raise NormswapError(f"text file {path} is empty")
     return text
@@ -59,10 +81,18 @@ def token_blocks(
     block: int = 128,
     batch_size: int = 8,
     seed: int = 0,
+    what: str = "calibration text",
 ) -> list[dict[str, torch.Tensor]]:
-    """Batches of equal-length blocks covering about `n_tokens` tokens of `text` (no padding)."""
+    """Batches of equal-length blocks covering about `n_tokens` tokens of `text` (no padding).
+
+    `text` None means the built-in sample. Seeded random token ids stand in only where no text was
+    given and there is no tokenizer (tiny test models; the caller says so in its warnings); given
+    text without a tokenizer, or for an image model (random images stand in), is an error naming
+    `what` ("calibration text", "verification text")."""
     cfg = model.config
     if getattr(cfg, "model_type", "") == "vit" or "pixel_values" in getattr(model, "main_input_name", ""):
+        if text is not None:
+            raise NormswapError(f"{type(model).__name__} takes images, not text: the {what} cannot be used")
         size = getattr(cfg, "image_size", 224)
         g = torch.Generator().manual_seed(seed)
         n_images = max(1, n_tokens // max(1, (size // getattr(cfg, "patch_size", 16)) ** 2))
@@ -72,15 +102,18 @@ def token_blocks(
     encoder = is_encoder(model)
     body = block - 2 if encoder else block
     if tokenizer is None:
+        if text is not None:
+            raise NormswapError(f"{type(model).__name__} has no tokenizer: cannot tokenise the {what} "
+                                "(add the tokenizer files to the model folder)")
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, cfg.vocab_size, (max(n_tokens, body),), generator=g).tolist()
     else:
         text = default_text() if text is None else text
         if not text.strip():
-            raise NormswapError("calibration text is empty")
+            raise NormswapError(f"{what} is empty")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < body:
-            raise NormswapError(f"calibration text is too short: {len(ids)} tokens, need at least {body}")
+            raise NormswapError(f"{what} is too short: {len(ids)} tokens, need at least {body}")
     n_blocks = max(1, min(len(ids) // body, -(-n_tokens // body)))
     rows = []
     for i in range(n_blocks):

@@ -10,6 +10,7 @@ predictions under predictions/, and deltas.png.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import typer
@@ -42,7 +43,8 @@ def eval_cmd(
     lr: float = typer.Option(5e-5, "--lr", help="GLUE: peak learning rate (AdamW, linear warm-up and decay)."),
     batch_size: int = typer.Option(32, "--batch-size", help="GLUE: training batch size."),
     max_seq_length: int = typer.Option(128, "--max-seq-length", help="GLUE: truncate inputs to this many tokens."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png (must not exist unless --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder (once the new results are complete)."),
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     from normswap.evaluation.glue import GlueSettings
@@ -51,11 +53,12 @@ def eval_cmd(
     req = EvalRequest(
         model=model, baseline=baseline, ppl=ppl, max_length=max_length, stride=stride, max_tokens=max_tokens,
         pseudo_ppl=pseudo_ppl, mlm_probability=mlm_probability, mask_seed=mask_seed, sts=sts_file,
-        glue=glue_tasks, glue_data=glue_dir, dev_samples=dev_samples, out=out,
+        glue=glue_tasks, glue_data=glue_dir, dev_samples=dev_samples, out=out, overwrite=overwrite,
         glue_settings=GlueSettings(train_samples=train_samples, epochs=epochs, lr=lr, batch_size=batch_size,
                                    max_seq_length=max_seq_length, seeds=seeds),
     )
     res = run_eval(req)
+    _refuse_nan(res, model)
     if fmt == OutputFormat.json:
         emit_json(res)
     else:
@@ -74,6 +77,8 @@ def render(res: dict[str, Any]) -> str:
         how = f"stride {p['stride']}" if p["kind"] == "causal" else (
             f"{p['mask_probability']:.0%} mask, seed {p['seed']}" if p["kind"] == "masked" else "every token masked in turn")
         notes.append(f"ppl: {p['tokens']} tokens scored of {p['text_tokens']}, max_length {p['max_length']}, {how}")
+        if any(isinstance(x, float) and math.isinf(x) for x in (p["value"], p.get("baseline"))):
+            notes.append("ppl: inf means exp(nll/token) overflows a float64 (nll above 709.78 nats): compare the nll/token row")
     s = res.get("sts")
     if s:
         rows.append(["sts", "zero-shot", "spearman", _v(s.get("baseline_spearman")), _v(s["spearman"]), _d(s.get("delta"))])
@@ -99,6 +104,21 @@ def render(res: dict[str, Any]) -> str:
     if res.get("results_file"):
         notes.append(f"results: {res['results_file']}")
     return text + "\n\n" + "\n".join(notes)
+
+
+def _refuse_nan(obj: Any, model: str, where: str = "") -> None:
+    """Backstop: the evaluation code refuses non-finite results where they arise; should a NaN still
+    reach the results, it is an error rather than a printed `nan`."""
+    if isinstance(obj, float) and math.isnan(obj):
+        from normswap.errors import NormswapError
+
+        raise NormswapError(f"the evaluation of {model} gave NaN for {where or 'a result'}; refusing to report it")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _refuse_nan(v, model, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _refuse_nan(v, model, f"{where}[{i}]")
 
 
 def _v(x: Any) -> str:

@@ -44,10 +44,20 @@ class GlueSettings:
     data_seed: int = 0  # picks the --train-samples subset
 
     def validate(self) -> None:
-        """Refuse settings that cannot train."""
-        for name in ("epochs", "lr", "batch_size", "max_seq_length", "seeds", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise NormswapError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        """Refuse settings that cannot train: counts below 1, rates that are not positive finite numbers."""
+        for name in ("epochs", "lr", "batch_size", "max_seq_length", "seeds", "eval_batch_size", "train_samples"):
+            value = getattr(self, name)
+            if value is None and name == "train_samples":
+                continue
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise NormswapError(f"--{name.replace('_', '-')} must be a positive {'number' if name in ('epochs', 'lr') else 'count'}, "
+                                    f"got {value}")
+        if self.max_seq_length < 2:
+            raise NormswapError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio <= 1):
+            raise NormswapError(f"the warm-up ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise NormswapError(f"the weight decay must be a non-negative number, got {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,8 +163,10 @@ def _length_grouped_batches(data: Encoded, batch_size: int, gen: torch.Generator
     return [batches[i] for i in order]
 
 
-def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed: int, pad_id: int, progress: bool | None = None) -> tuple[int, int]:
-    """Fine-tune `model` in place; returns (optimizer steps, padded training tokens)."""
+def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed: int, pad_id: int, progress: bool | None = None,
+          name: str = "the model") -> tuple[int, int]:
+    """Fine-tune `model` in place; returns (optimizer steps, padded training tokens). A NaN or
+    infinite loss is an error naming `name`, the task, the seed and the step."""
     device = next(model.parameters()).device
     n = len(data.labels)
     steps_per_epoch = math.ceil(n / s.batch_size)
@@ -173,7 +185,9 @@ def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed
             logits = model(**{key: v.to(device) for key, v in batch.items()}).logits
             loss = _loss(logits, labels, task.is_regression)
             if not torch.isfinite(loss):
-                raise NormswapError(f"{task.name}: the training loss became {loss.item()} at step {step}; try a lower --lr")
+                why = ("before any update, so the model's outputs are not finite" if step == 0 else "; try a lower --lr")
+                raise NormswapError(f"GLUE {task.name} fine-tuning of {name} (seed {seed}): the training loss became {loss.item()} "
+                                    f"at step {step}{'' if step else ' '}{why}")
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -189,8 +203,10 @@ def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pad_id: int, progress: bool | None = None) -> list[float]:
-    """Dev predictions in example order: label ids, or scores for regression (batched by length)."""
+def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pad_id: int, progress: bool | None = None,
+            name: str = "the model") -> list[float]:
+    """Dev predictions in example order: label ids, or scores for regression (batched by length).
+    Non-finite logits are an error naming `name` (their argmax would be a meaningless label)."""
     device = next(model.parameters()).device
     model.eval()
     order = sorted(range(len(data.labels)), key=lambda i: len(data.input_ids[i]))
@@ -201,6 +217,8 @@ def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pa
         batch = _batch(data, idx, pad_id, task.is_regression)
         batch.pop("labels")
         logits = model(**{key: v.to(device) for key, v in batch.items()}).logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise NormswapError(f"GLUE {task.name}: {name} produces non-finite (NaN or infinite) outputs on the dev split")
         out = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
         for i, v in zip(idx, out.tolist()):
             preds[i] = v
@@ -272,9 +290,13 @@ def run_task_seed(
     model = load_classifier(name_or_path, task, seed)
     pad_id = prepare_padding(model, tokenizer)
     torch.manual_seed(seed)  # dropout stream, independent of how much randomness loading used
-    steps, tokens = train(model, train_data, task, settings, seed, pad_id, progress)
-    preds = predict(model, dev_data, task, settings, pad_id, progress)
+    steps, tokens = train(model, train_data, task, settings, seed, pad_id, progress, name=name_or_path)
+    preds = predict(model, dev_data, task, settings, pad_id, progress, name=name_or_path)
     metrics = compute_glue_metrics(task.name, preds, dev_data.labels)
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            why = "its dev predictions are all equal" if len(set(preds)) == 1 else "the metric is undefined on these predictions"
+            raise NormswapError(f"GLUE {task.name} {key} of {name_or_path} (seed {seed}) is {value}: {why}")
     seconds = time.perf_counter() - t0
     logger.info("%s %s seed %d: %s (%d steps, %.0f s)", task.name, name_or_path, seed,
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), steps, seconds)

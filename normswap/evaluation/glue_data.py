@@ -6,13 +6,14 @@ is GLUE's: paraphrase / duplicate = 1), and which metrics GLUE reports.
 """
 from __future__ import annotations
 
-import csv
+import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from normswap.errors import NormswapError
+from normswap.evaluation import readers
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def task_dir(data_dir: str | os.PathLike, task: GlueTask) -> Path:
     """The task's folder under `data_dir` (exact GLUE name, else a case- and dash-insensitive match)."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise NormswapError(f"GLUE data folder {data_dir} not found")
+        raise NormswapError(f"GLUE data folder {data_dir} " + ("is a file, not a folder" if root.exists() else "not found"))
     exact = root / task.folder
     if exact.is_dir():
         return exact
@@ -111,33 +112,40 @@ def split_file(data_dir: str | os.PathLike, task: GlueTask, split: str) -> Path:
     folder = task_dir(data_dir, task)
     name = "train.tsv" if split == "train" else task.dev_file
     path = folder / name
-    if not path.is_file():
+    if not path.exists():
         raise NormswapError(f"{folder} has no {name}: the {split} split of {task.name} is missing")
-    return path
+    return readers.check_regular_file(path, f"GLUE {split} file")
 
 
 def read_split(data_dir: str | os.PathLike, task: GlueTask, split: str) -> list[GlueExample]:
-    """All examples of one split; malformed rows are an error naming the line, not silently dropped."""
+    """All examples of one split; malformed rows are an error naming the line, not silently dropped.
+
+    Also one line each: bytes that are not UTF-8, a line over `readers.MAX_LINE_CHARS`, a row with
+    more columns than the header or fewer than the task needs, a label outside the task's labels,
+    a regression score that is not a finite number.
+    """
     path = split_file(data_dir, task, split)
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    lines = [(n, row) for n, row in readers.read_tsv(path, f"GLUE {split} file")
+             if row and not all(not c.strip() for c in row)]
+    width = None
     if task.header:
-        if not rows:
+        if not lines:
             raise NormswapError(f"{path} is empty")
-        header = [h.strip() for h in rows[0]]
+        header = [h.strip() for h in lines[0][1]]
+        width = len(header)
         try:
             text_idx = [header.index(c) for c in task.text_columns]  # type: ignore[arg-type]
             label_idx = header.index(task.label_column)  # type: ignore[arg-type]
         except ValueError:
-            raise NormswapError(f"{path}: header {header} lacks the {task.name} columns {task.text_columns + (task.label_column,)}") from None
-        body, first_line = rows[1:], 2
+            raise NormswapError(f"{path}: header {readers.shown(chr(9).join(header), 120)} lacks the {task.name} columns {task.text_columns + (task.label_column,)}") from None
+        body = lines[1:]
     else:
         text_idx, label_idx = list(task.text_columns), task.label_column  # type: ignore[assignment]
-        body, first_line = rows, 1
+        body = lines
     examples = []
-    for line, row in enumerate(body, start=first_line):
-        if not row or all(not c.strip() for c in row):
-            continue
+    for line, row in body:
+        if width is not None and len(row) > width:
+            raise NormswapError(f"{path}:{line}: {len(row)} columns but the header has {width} (a tab inside a sentence?)")
         try:
             texts = tuple(row[i] for i in text_idx)  # type: ignore[index]
             raw = row[label_idx].strip()  # type: ignore[index]
@@ -152,11 +160,14 @@ def read_split(data_dir: str | os.PathLike, task: GlueTask, split: str) -> list[
 def _label(task: GlueTask, raw: str, path: Path, line: int) -> float | int:
     if task.labels is None:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
-            raise NormswapError(f"{path}:{line}: score {raw!r} is not a number") from None
+            raise NormswapError(f"{path}:{line}: score {readers.shown(raw)} is not a number") from None
+        if not math.isfinite(score):
+            raise NormswapError(f"{path}:{line}: score {readers.shown(raw)} is not a finite number")
+        return score
     if raw not in task.labels:
-        raise NormswapError(f"{path}:{line}: label {raw!r} is not one of {', '.join(task.labels)}")
+        raise NormswapError(f"{path}:{line}: label {readers.shown(raw)} is not one of {', '.join(task.labels)}")
     return task.labels.index(raw)
 
 

@@ -15,6 +15,10 @@ masked tokens; its exp is reported. Pseudo-perplexity (each token masked in turn
 mask-free alternative.
 
 Memory stays bounded on long texts: windows are scored in batches whose logits fit a fixed budget.
+
+Never garbage: a NaN or infinite token loss (a model with non-finite logits) is an error naming the
+model; a finite mean NLL above ~709.78 nats, whose exp overflows a float64, gives perplexity inf
+with the exact NLL beside it.
 """
 from __future__ import annotations
 
@@ -75,6 +79,8 @@ def load_text(source: str) -> str:
 
 def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the whole text (no special tokens), truncated to `max_tokens` if given."""
+    if max_tokens is not None and max_tokens < 1:  # a negative slice would score the text minus its tail
+        raise NormswapError(f"--max-tokens must be positive, got {max_tokens}")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -105,11 +111,30 @@ def _batch_cap(batch_size: int, length: int, vocab: int) -> int:
     return max(1, min(batch_size, LOGITS_BUDGET_BYTES // max(1, length * vocab * 4)))
 
 
-def _summary(kind: str, nlls: torch.Tensor, **fields: Any) -> PerplexityResult:
+_LABELS = {"causal": "perplexity", "masked": "masked-LM perplexity", "pseudo": "pseudo-perplexity"}
+
+
+def safe_exp(nll: float) -> float:
+    """exp(nll), or inf where that overflows a float64 (nll above about 709.78)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
+def _summary(kind: str, nlls: torch.Tensor, name: str = "the model", **fields: Any) -> PerplexityResult:
+    """Mean NLL and its exp. A NaN or infinite NLL is an error naming `name` (the model produces
+    non-finite logits); a finite NLL too large for exp gives perplexity inf, the NLL still exact."""
     nlls = nlls.double()
+    if not nlls.numel():
+        raise NormswapError(f"{_LABELS[kind]} of {name}: no token was scored")
+    bad = int((~torch.isfinite(nlls)).sum())
     mean = float(nlls.mean())
+    if bad or not math.isfinite(mean):
+        raise NormswapError(f"{_LABELS[kind]} of {name} is not finite: {bad} of {nlls.numel()} token losses are NaN or infinite "
+                            f"(mean negative log-likelihood {mean}), so the model produces non-finite logits")
     return PerplexityResult(
-        kind=kind, value=math.exp(mean), nll=mean, tokens=int(nlls.numel()),
+        kind=kind, value=safe_exp(mean), nll=mean, tokens=int(nlls.numel()),
         nll_median=float(nlls.median()), nll_p99=float(torch.quantile(nlls, 0.99)) if nlls.numel() else float("nan"),
         **fields,
     )
@@ -124,6 +149,7 @@ def causal_perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     progress: bool | None = None,
+    name: str = "the model",
 ) -> PerplexityResult:
     """Sliding-window perplexity of a causal LM on token ids `ids` (1-D); see the module docstring."""
     stride = max_length if stride is None else stride
@@ -149,7 +175,7 @@ def causal_perplexity(
         i += len(group)
         bar.update(len(group))
     bar.close()
-    return _summary("causal", torch.cat(nlls), max_length=max_length, stride=stride, windows=len(windows), text_tokens=n)
+    return _summary("causal", torch.cat(nlls), name, max_length=max_length, stride=stride, windows=len(windows), text_tokens=n)
 
 
 def _mask_token_id(tokenizer: Any) -> int:
@@ -206,6 +232,7 @@ def masked_lm_perplexity(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool | None = None,
+    name: str = "the model",
 ) -> PerplexityResult:
     """Masked-token cross-entropy on a fixed seeded mask of the text's tokens; see the module docstring.
 
@@ -244,7 +271,7 @@ def masked_lm_perplexity(
         bar.update(len(group))
     bar.close()
     return _summary(
-        "masked", torch.cat(nlls), max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()),
+        "masked", torch.cat(nlls), name, max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()),
         extra={"mask_probability": mask_probability, "seed": seed},
     )
 
@@ -258,6 +285,7 @@ def pseudo_perplexity(
     max_length: int,
     batch_size: int = 8,
     progress: bool | None = None,
+    name: str = "the model",
 ) -> PerplexityResult:
     """Pseudo-perplexity: every content token masked in turn (one forward pass per token: slow)."""
     mask_id = _mask_token_id(tokenizer)
@@ -279,4 +307,4 @@ def pseudo_perplexity(
         nlls.append(nn.functional.cross_entropy(picked, torch.tensor([t for _, _, t in group], device=device), reduction="none").cpu())
         bar.update(len(group))
     bar.close()
-    return _summary("pseudo", torch.cat(nlls), max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()))
+    return _summary("pseudo", torch.cat(nlls), name, max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()))

@@ -102,7 +102,7 @@ def delta_rows(results: dict[str, Any]) -> list[tuple[str, float, float | None]]
     """(label, delta, spread) for every compared figure in a results dict, for the chart."""
     rows: list[tuple[str, float, float | None]] = []
     ppl = results.get("ppl")
-    if ppl and ppl.get("delta") is not None:
+    if ppl and ppl.get("delta") is not None and math.isfinite(ppl["baseline"]):
         rows.append((f"{ppl.get('kind', 'causal')} ppl (rel. %)", 100.0 * ppl["delta"] / ppl["baseline"], None))
     sts = results.get("sts")
     if sts and sts.get("baseline_spearman") is not None:
@@ -114,7 +114,8 @@ def delta_rows(results: dict[str, Any]) -> list[tuple[str, float, float | None]]
             if r.get("delta") is not None:
                 spread = math.hypot(r.get("std") or 0.0, r.get("baseline_std") or 0.0) if "std" in r else None
                 rows.append((f"{task} {metric}", r["delta"], spread))
-    return rows
+    # an overflowed (inf) perplexity has no finite bar: the chart leaves it out rather than plot NaN
+    return [r for r in rows if math.isfinite(r[1]) and (r[2] is None or math.isfinite(r[2]))]
 
 
 def delta_chart(path: str | os.PathLike, results: dict[str, Any], title: str) -> Path | None:

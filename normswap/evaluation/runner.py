@@ -6,6 +6,7 @@ Models are loaded one at a time where possible to keep memory at one model.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from normswap.errors import NormswapError
 from normswap.evaluation import checks, glue, glue_data, perplexity, results, sts
 from normswap.evaluation.glue import GlueSettings
 from normswap.log import logger
+from normswap.outputs import atomic_output, check_output
 
 
 @dataclass
@@ -41,6 +43,7 @@ class EvalRequest:
     glue_settings: GlueSettings = field(default_factory=GlueSettings)
     dev_samples: int | None = None  # score a fixed subset of dev (budget runs); None: all of dev
     out: str | None = None
+    overwrite: bool = False  # replace an existing `out` (once the new results are complete)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,6 +62,8 @@ def _models(req: EvalRequest) -> list[tuple[str, str]]:
 def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
     if not (req.ppl or req.sts or req.glue):
         raise NormswapError("nothing to evaluate: give --ppl FILE, --sts FILE and/or --glue TASKS")
+    if req.out:
+        check_output(req.out, overwrite=req.overwrite, inputs=_inputs(req))
     tasks: list[glue_data.GlueTask] = []
     if req.glue:
         tasks = glue_data.parse_tasks(req.glue)
@@ -70,10 +75,7 @@ def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
             glue_data.split_file(req.glue_data, t, "dev")
     if req.glue_data and not req.glue:
         raise NormswapError("--glue-data needs --glue TASKS")
-    if req.max_length is not None and req.max_length < 2:
-        raise NormswapError(f"--max-length must be at least 2, got {req.max_length}")
-    if req.stride is not None and req.stride < 1:
-        raise NormswapError(f"--stride must be positive, got {req.stride}")
+    _check_options(req)
     from normswap.loading import check_source, load_tokenizer
 
     for _, path in _models(req):
@@ -83,7 +85,63 @@ def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
         raise NormswapError(f"{req.model} has no tokenizer files")
     if req.baseline:
         checks.check_same_tokenizer(load_tokenizer(req.baseline), tok, req.baseline, req.model)
+    if tasks:
+        _check_glue_data(req, tok, tasks)
     return tok, tasks
+
+
+def _check_options(req: EvalRequest) -> None:
+    """Refuse out-of-range counts and non-finite numbers before anything is loaded (GLUE settings
+    too, whether or not --glue is given: a nonsensical value is a mistake either way)."""
+    def at_least(value: Any, low: int, option: str) -> None:
+        if value is not None and value < low:
+            raise NormswapError(f"{option} must be {'positive' if low == 1 else f'at least {low}'}, got {value}")
+
+    at_least(req.max_length, 2, "--max-length")
+    at_least(req.stride, 1, "--stride")
+    at_least(req.max_tokens, 2, "--max-tokens")
+    at_least(req.dev_samples, 1, "--dev-samples")
+    at_least(req.ppl_batch_size, 1, "the perplexity batch size")
+    at_least(req.sts_batch_size, 1, "the STS batch size")
+    if req.max_length is not None and req.stride is not None and req.stride > req.max_length:
+        raise NormswapError(f"--stride {req.stride} is longer than --max-length {req.max_length}: tokens between windows would go unscored")
+    if not (isinstance(req.mlm_probability, (int, float)) and 0 < req.mlm_probability < 1):
+        raise NormswapError(f"--mlm-probability must be in (0, 1), got {req.mlm_probability}")
+    if not -(2**63) <= req.mask_seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise NormswapError(f"--mask-seed must fit in 64 bits, got {req.mask_seed}")
+    req.glue_settings.validate()
+
+
+def _check_glue_data(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask]) -> None:
+    """Read every GLUE split now (a bad row fails in seconds, before any other evaluation runs),
+    refuse a regression dev split whose scores are all equal (its correlations are undefined) and
+    inputs longer than a model's positions."""
+    from normswap.loading import load_config
+
+    s = req.glue_settings
+    limits = []
+    for _, path in _models(req):
+        try:
+            limits.append((checks.max_positions(load_config(path)), path))
+        except NormswapError:
+            pass  # a converted folder or an unusual config: the loader reports problems later
+    for t in tasks:
+        splits = {split: glue_data.read_split(req.glue_data, t, split) for split in ("train", "dev")}
+        dev = glue_data.subsample(splits["dev"], req.dev_samples, s.data_seed)
+        if t.is_regression and len({e.label for e in dev}) == 1:
+            raise NormswapError(f"the dev scores of {t.name} ({glue_data.split_file(req.glue_data, t, 'dev')}) are all {dev[0].label:g}, "
+                                "so its correlations are undefined")
+        special = tok.num_special_tokens_to_add(pair=len(t.text_columns) > 1) if hasattr(tok, "num_special_tokens_to_add") else 0
+        if s.max_seq_length < special + len(t.text_columns):
+            raise NormswapError(f"--max-seq-length {s.max_seq_length} leaves no room for the {len(t.text_columns)} text(s) of {t.name} "
+                                f"after {special} special tokens")
+        for limit, path in limits:
+            if limit is not None and s.max_seq_length > limit:
+                train = glue_data.subsample(splits["train"], s.train_samples, s.data_seed)
+                longest = max(len(ids) for ids in glue.encode(tok, train + dev, s.max_seq_length).input_ids)
+                if longest > limit:
+                    raise NormswapError(f"--max-seq-length {s.max_seq_length} is above the {limit} positions of {path}, and {t.name} "
+                                        f"has inputs of {longest} tokens; give --max-seq-length {limit} or less")
 
 
 def run_eval(req: EvalRequest) -> dict[str, Any]:
@@ -92,7 +150,25 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     tok, tasks = _validate(req)
     text = perplexity.load_text(req.ppl) if req.ppl else None
     pairs = sts.read_sts(req.sts) if req.sts else None
-    out = results.prepare_out(req.out) if req.out else None
+    if not req.out:
+        return _evaluate(req, tok, tasks, text, pairs, None, t0)
+    # Results are written into a staging folder that replaces --out only when complete.
+    final = Path(req.out)
+    with atomic_output(final, overwrite=req.overwrite, inputs=_inputs(req)) as out:
+        (out / "predictions").mkdir()
+        res = _evaluate(req, tok, tasks, text, pairs, out, t0)
+    for key in ("results_file", "chart"):
+        if key in res:
+            res[key] = str(final / Path(res[key]).relative_to(out))
+    return res
+
+
+def _inputs(req: EvalRequest) -> dict[str, str | None]:
+    return {"model": req.model, "baseline": req.baseline, "--ppl text": req.ppl, "--sts file": req.sts, "--glue-data folder": req.glue_data}
+
+
+def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text: str | None, pairs: list[sts.StsPair] | None,
+              out: Path | None, t0: float) -> dict[str, Any]:
     res: dict[str, Any] = {"model": req.model, "baseline": req.baseline}
     details: dict[str, Any] = {}
     if text is not None:
@@ -130,6 +206,8 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
         raise NormswapError(f"{req.model} is a {kind} LM but {req.baseline} is a {loaded['baseline'][1]} LM")
     limit = checks.max_positions(loaded["converted"][0].config)
     max_length = req.max_length or min(limit or 1024, 1024)
+    if kind == "causal" and req.stride is not None and req.stride > max_length:
+        raise NormswapError(f"--stride {req.stride} is longer than the {max_length}-token windows: tokens between windows would go unscored")
     for role, path in _models(req):
         checks.check_max_length(loaded[role][0], max_length, path)
     if kind == "masked" and req.stride is not None:
@@ -140,14 +218,18 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
         logger.info("perplexity of %s (%s LM, %d tokens, max_length %d)", path, kind, int(ids.numel()), max_length)
         if kind == "causal":
             scored[role] = perplexity.causal_perplexity(model, ids, max_length=max_length, stride=req.stride,
-                                                        batch_size=req.ppl_batch_size, progress=req.progress)
+                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path)
         elif req.pseudo_ppl:
             scored[role] = perplexity.pseudo_perplexity(model, tok, ids, max_length=max_length,
-                                                        batch_size=req.ppl_batch_size, progress=req.progress)
+                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path)
         else:
             scored[role] = perplexity.masked_lm_perplexity(model, tok, ids, max_length=max_length, mask_probability=req.mlm_probability,
-                                                           seed=req.mask_seed, batch_size=req.ppl_batch_size, progress=req.progress)
+                                                           seed=req.mask_seed, batch_size=req.ppl_batch_size, progress=req.progress,
+                                                           name=path)
         del model
+    for role, path in _models(req):
+        if math.isinf(scored[role].value):
+            logger.warning("the perplexity of %s overflows a float64: exp(%.1f nats/token) is reported as inf", path, scored[role].nll)
     c = scored["converted"]
     row: dict[str, Any] = {
         "kind": c.kind, "value": c.value, "nll": c.nll, "tokens": c.tokens, "max_length": c.max_length,
@@ -156,11 +238,19 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
     }
     if "baseline" in scored:
         b = scored["baseline"]
-        row.update(baseline=b.value, delta=c.value - b.value, baseline_nll=b.nll, delta_nll=c.nll - b.nll,
+        row.update(baseline=b.value, delta=_difference(c.value, b.value), baseline_nll=b.nll, delta_nll=c.nll - b.nll,
                    baseline_nll_median=b.nll_median, baseline_nll_p99=b.nll_p99)
     else:
         row.update(baseline=None, delta=None)
     return row
+
+
+def _difference(a: float, b: float) -> float | None:
+    """a - b for perplexities that may be inf (exp overflowed): inf - inf is undefined, so None, not NaN."""
+    if math.isinf(a) and math.isinf(b):
+        logger.warning("both perplexities overflow a float64 (inf): compare their nll/token instead")
+        return None
+    return a - b
 
 
 # ------------------------------------------------------------------------------------------------- STS
@@ -177,7 +267,8 @@ def run_sts(req: EvalRequest, tok: Any, pairs: list[sts.StsPair], out: Path | No
     for role, path in _models(req):
         model = load_pretrained(path, auto_class=transformers.AutoModel).to(_device())
         logger.info("zero-shot STS of %s on %d pairs (%s pooling)", path, len(pairs), pooling)
-        corr[role], cos[role], emb[role] = sts.evaluate_sts(model, tok, pairs, pooling=pooling, batch_size=req.sts_batch_size, progress=req.progress)
+        corr[role], cos[role], emb[role] = sts.evaluate_sts(model, tok, pairs, pooling=pooling, batch_size=req.sts_batch_size,
+                                                            progress=req.progress, name=path)
         del model
     row: dict[str, Any] = {"spearman": corr["converted"]["spearman"], "pearson": corr["converted"]["pearson"],
                            "pairs": len(pairs), "pooling": pooling}
@@ -185,6 +276,8 @@ def run_sts(req: EvalRequest, tok: Any, pairs: list[sts.StsPair], out: Path | No
         row.update(baseline_spearman=corr["baseline"]["spearman"], baseline_pearson=corr["baseline"]["pearson"],
                    delta=corr["converted"]["spearman"] - corr["baseline"]["spearman"],
                    fidelity=sts.fidelity(emb["baseline"], emb["converted"]))
+        if not math.isfinite(row["fidelity"]):
+            raise NormswapError(f"the STS fidelity of {req.model} to {req.baseline} is {row['fidelity']}: not a number")
     else:
         row.update(baseline_spearman=None, fidelity=None, delta=None)
     if out is not None:

@@ -10,8 +10,8 @@ mean pooling over non-padding tokens otherwise.
 """
 from __future__ import annotations
 
-import csv
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
+from normswap.evaluation import readers
 from normswap.evaluation.metrics import compute_glue_metrics
 from normswap.evaluation.progress import progress_bar
 
@@ -39,8 +40,10 @@ def pooling_mode(model_path: str | os.PathLike) -> str:
     cfg = Path(model_path) / "1_Pooling" / "config.json"
     if cfg.is_file():
         try:
-            c = json.loads(cfg.read_text())
-        except ValueError:
+            c = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: the default
+            return "mean"
+        if not isinstance(c, dict):
             return "mean"
         if c.get("pooling_mode_cls_token"):
             return "cls"
@@ -52,31 +55,40 @@ def pooling_mode(model_path: str | os.PathLike) -> str:
 def read_sts(path: str | os.PathLike) -> list[StsPair]:
     """Pairs from a file in the GLUE STS-B layout (tab-separated, header with sentence1, sentence2, score).
 
-    Without a header the last three columns are taken as sentence1, sentence2, score.
+    Without a header the last three columns are taken as sentence1, sentence2, score. Every problem
+    (missing file, not UTF-8, an over-long line, a short or over-long row, a score that is not a
+    finite number, too few pairs or constant scores for a correlation) is one error naming the file
+    and, where there is one, the line.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise NormswapError(f"STS file {path} not found")
-    with p.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
+    lines = readers.read_tsv(path, "STS file")
+    lines = [(n, row) for n, row in lines if row and not all(not c.strip() for c in row)]
+    if not lines:
         raise NormswapError(f"{path} is empty")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in lines[0][1]]
+    width = None
     if {"sentence1", "sentence2", "score"} <= set(header):
         i1, i2, iscore = header.index("sentence1"), header.index("sentence2"), header.index("score")
-        rows = rows[1:]
+        width = len(header)
+        lines = lines[1:]
     else:
         i1, i2, iscore = -3, -2, -1
     pairs = []
-    for line, row in enumerate(rows, start=2 if i1 >= 0 else 1):
-        if not row or all(not c.strip() for c in row):
-            continue
+    for line, row in lines:
+        if width is not None and len(row) > width:
+            raise NormswapError(f"{path}:{line}: {len(row)} columns but the header has {width} (a tab inside a sentence?)")
         try:
-            pairs.append(StsPair(row[i1], row[i2], float(row[iscore])))
+            score = float(row[iscore])
+            pairs.append(StsPair(row[i1], row[i2], score))
         except (IndexError, ValueError):
             raise NormswapError(f"{path}:{line}: not an STS-B row (need sentence1, sentence2 and a numeric score)") from None
+        if not math.isfinite(score):
+            raise NormswapError(f"{path}:{line}: score {readers.shown(row[iscore].strip())} is not a finite number")
     if not pairs:
         raise NormswapError(f"{path} has no STS pairs")
+    if len(pairs) < 2:
+        raise NormswapError(f"{path} has only 1 STS pair: a correlation needs at least 2")
+    if len({p.score for p in pairs}) == 1:
+        raise NormswapError(f"{path}: all {len(pairs)} gold scores are {pairs[0].score:g}, so a correlation with them is undefined")
     return pairs
 
 
@@ -147,10 +159,23 @@ def evaluate_sts(
     batch_size: int = 64,
     max_seq_length: int = 256,
     progress: bool | None = None,
+    name: str = "the model",
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Zero-shot STS of one model: (correlations, per-pair cosines, embeddings of all 2n sentences)."""
+    """Zero-shot STS of one model: (correlations, per-pair cosines, embeddings of all 2n sentences).
+
+    Non-finite embeddings, and correlations that come out undefined (NaN: constant cosines), are
+    an error naming `name`, never a NaN result.
+    """
     sentences = [p.sentence1 for p in pairs] + [p.sentence2 for p in pairs]
     emb = embed(model, tokenizer, sentences, pooling=pooling, batch_size=batch_size, max_seq_length=max_seq_length, progress=progress)
+    bad = int((~torch.isfinite(emb)).any(dim=-1).sum())
+    if bad:
+        raise NormswapError(f"{name} produces non-finite (NaN or infinite) embeddings for {bad} of {len(sentences)} STS sentences")
     n = len(pairs)
     cos = sts_scores(emb[:n], emb[n:])
-    return sts_correlations(cos, pairs), cos, emb
+    corr = sts_correlations(cos, pairs)
+    for key, value in corr.items():
+        if not math.isfinite(value):
+            raise NormswapError(f"the STS {key} correlation of {name} is undefined ({value}): its {n} cosines are "
+                                f"{'all equal' if bool((cos == cos[0]).all()) else 'degenerate'}")
+    return corr, cos, emb
