@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from normswap.recipes import overrides as _ov
 from normswap.recipes.schema import (
-    JOB_KEYS, PATH_KEYS, STAGES, Job, Recipe, RecipeError, RecipeTop, line_of, read_yaml, resolve_path, validation_error,
+    JOB_KEYS, PATH_KEYS, STAGES, Job, Recipe, RecipeError, RecipeTop, check_bounded, line_of, read_yaml, resolve_path,
+    validation_error,
 )
 
 
@@ -32,6 +33,10 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *, check
     path = Path(path)
     items = list(overrides)
     raw, lines = read_yaml(path)
+    for item in items:  # an override's value is YAML too: the same bounds as the file's
+        if "=" in item:
+            shown = item if len(item) <= 60 else item[:57] + "..."
+            check_bounded(item.partition("=")[2], f"override {shown!r}")
     raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # free keys for YAML anchors
     data = _ov.apply(raw, items)
     overridden = {tuple(_ov.parse(i)[0]): i for i in items}

@@ -61,6 +61,7 @@ class ConvertStage(_Strict):
     verify_text: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class _FinetuneBase(_Strict):
@@ -263,22 +264,140 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     if not path.is_file():
         raise RecipeError(f"recipe {path} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a small YAML file")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"cannot read recipe {path}: {err}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"{where}: not valid YAML ({what})") from None
+        raise RecipeError(f"cannot read recipe {path}: {' '.join(str(err).split())[:200]}") from None
+    lines: dict[tuple, int] = {}
+    data = load_bounded(text, str(path), on_node=lambda node: _walk(node, (), lines))  # lines before merge keys are flattened
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: not a recipe (expected a YAML mapping of keys such as model, convert, eval; got {type(data).__name__})")
-    lines: dict[tuple, int] = {}
-    _walk(node, (), lines)
     return data, lines
+
+
+# Bounds on what a recipe's YAML may expand to. PyYAML builds an alias as a shared reference, so a
+# "billion laughs" file (aliases of aliases, a few hundred bytes) loads at once but explodes when
+# walked, copied or dumped: it is measured on the composed node graph and refused before that.
+MAX_RECIPE_BYTES = 1 * 2**20
+MAX_DEPTH = 50  # nesting levels, aliases expanded (recipes use about 5)
+MAX_NODES = 100_000  # keys, values and items, aliases expanded
+MAX_CHARS = 10_000_000  # characters of all scalars, aliases expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose (recursive) composer refuses to nest deeper than MAX_DEPTH."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooBig(f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooBig(Exception):
+    def __init__(self, what: str, mark: Any):
+        super().__init__(what)
+        self.what, self.mark = what, mark
+
+
+def load_bounded(text: str, where: str, on_node: Any = None) -> Any:
+    """One YAML document read with SafeLoader, refusing (RecipeError, one line) invalid YAML and
+    documents that nest deeper than MAX_DEPTH or expand (through aliases) to more than MAX_NODES
+    values or MAX_CHARS characters. `where` names the source in errors; `on_node(node)` is called
+    with the checked node graph before it is constructed."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        if on_node is not None:
+            on_node(node)
+        return loader.construct_document(node)
+    except _TooBig as err:
+        raise _refusal(err, where) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark is not None else where
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{at}: not valid YAML ({what})") from None
+    except RecursionError:  # the limits above should make this unreachable
+        raise RecipeError(f"{where}: refused: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def check_bounded(text: str, where: str) -> None:
+    """Refuse (RecipeError) YAML text that nests or expands beyond the bounds of `load_bounded`;
+    text that is not valid YAML passes (the caller decides what that means)."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node)
+    except _TooBig as err:
+        raise _refusal(err, where) from None
+    except (yaml.YAMLError, RecursionError):
+        return
+    finally:
+        loader.dispose()
+
+
+def _refusal(err: _TooBig, where: str) -> RecipeError:
+    at = f"{where}:{err.mark.line + 1}" if err.mark is not None and not where.startswith("override") else where
+    return RecipeError(f"{at}: refused: {err.what}")
+
+
+def _check_expansion(root: Any) -> None:
+    """Size, text and depth of the document with every alias expanded, in time linear in the node
+    graph (each node is measured once; an alias reuses its measure). Cycles (`&a [*a]`) are refused."""
+    size: dict[int, tuple[int, int, int]] = {}  # id(node) -> (nodes, chars, depth)
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        kids = _children(node)
+        if done:
+            on_path.discard(key)
+            nodes = 1 + sum(size[id(c)][0] for c in kids)
+            chars = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(size[id(c)][1] for c in kids)
+            depth = 1 + max((size[id(c)][2] for c in kids), default=0)
+            if nodes > MAX_NODES:
+                raise _TooBig(f"YAML aliases expand to more than {MAX_NODES:,} values (a 'billion laughs' document?)", node.start_mark)
+            if chars > MAX_CHARS:
+                raise _TooBig(f"YAML aliases expand to more than {MAX_CHARS:,} characters", node.start_mark)
+            if depth > MAX_DEPTH:
+                raise _TooBig(f"nested more than {MAX_DEPTH} levels deep (through aliases)", node.start_mark)
+            size[key] = (nodes, chars, depth)
+            continue
+        if key in size:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for c in kids:
+            if id(c) in on_path:
+                raise _TooBig("a YAML alias refers to a structure that contains it (a recursive document)", c.start_mark)
+            if id(c) not in size:
+                stack.append((c, False))
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _walk(node: Any, prefix: tuple, lines: dict[tuple, int]) -> None:

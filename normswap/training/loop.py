@@ -22,7 +22,7 @@ from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.log import logger
-from normswap.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from normswap.training.checkpoint import resume_checkpoint, save_checkpoint
 from normswap.training.config import TrainConfig
 from normswap.training.data import Examples, TrainData
 from normswap.training.objectives import Objective
@@ -50,6 +50,7 @@ class LoopResult:
     last_loss: float | None
     val: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
+    signal: str | None = None  # what interrupted the run: "SIGINT" or "SIGTERM"
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -68,31 +69,41 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 
 class _StopFlag:
-    """Set by SIGINT: the loop finishes the current step, saves and returns."""
+    """Set by SIGINT or SIGTERM: the loop finishes the current step, saves and returns."""
 
     def __init__(self) -> None:
         self.set = False
+        self.signal: str | None = None  # "SIGINT" or "SIGTERM"
 
 
 @contextmanager
-def _sigint_to_flag(flag: _StopFlag) -> Iterator[None]:
-    """First Ctrl-C sets the flag (and restores the old handler, so a second one aborts at once)."""
+def _signals_to_flag(flag: _StopFlag) -> Iterator[None]:
+    """The first Ctrl-C (or SIGTERM, as a scheduler or `kill` sends) sets the flag and restores the
+    old handlers, so that a second one aborts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signums}
+
+    def restore() -> None:
+        for s in signums:
+            if signal.getsignal(s) is handler:
+                signal.signal(s, previous[s])
 
     def handler(signum: int, frame: Any) -> None:
-        flag.set = True
-        signal.signal(signal.SIGINT, previous)
-        print("\nnormswap: Ctrl-C: finishing this step, saving a checkpoint (press again to abort)", file=sys.stderr)
+        flag.set, flag.signal = True, signal.Signals(signum).name
+        restore()
+        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\nnormswap: {what}: finishing this step, saving a checkpoint (again to abort)", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handler)
+    for s in signums:
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, handler)
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGINT) is handler:
-            signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 def set_dropout(model: nn.Module, p: float | None) -> None:
@@ -181,14 +192,11 @@ def train_loop(
     main = accelerator.is_main_process
     log = TrainLog(out, enabled=main)
     step, tokens = 0, 0
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise NormswapError(f"nothing to resume in {out}: no checkpoint")
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, accelerator=accelerator)
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and getattr(accelerator, "scaler", None) is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+    resumed_from: Path | None = None
+    if resume:  # the newest intact checkpoint: damaged ones are skipped with a warning
+        resumed_from, state = resume_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                accelerator=accelerator)
+        ckpt = resumed_from
         step, tokens = int(state["step"]), int(state["tokens"])
         log.truncate_after(step)
         logger.info("resumed from %s (step %d of %d, %d tokens)", ckpt, step, total_steps, tokens)
@@ -201,7 +209,7 @@ def train_loop(
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (main and sys.stderr.isatty()))
     train_seconds, run_tokens, last_loss, val = 0.0, 0, None, {}
-    last_ckpt: Path | None = latest_checkpoint(out) if resume else None
+    last_ckpt: Path | None = resumed_from
     status = "completed"
     run_start = time.perf_counter()
 
@@ -214,17 +222,17 @@ def train_loop(
         return save_checkpoint(out, step, model=model, optimizer=optimizer, state=state_dict(),
                                accelerator=accelerator, keep=cfg.keep_checkpoints)
 
-    with _sigint_to_flag(flag):
+    with _signals_to_flag(flag):
         while step < total_steps:
             if progressive is not None:
                 apply_schedule(accelerator.unwrap_model(model), progressive[0], progressive[1], step)
             t0 = time.perf_counter()
             step_loss, parts_sum, step_tokens = _accumulate_gradients(model, teacher, objective, data, step, cfg, accelerator)
             if not math.isfinite(step_loss):
-                _diverged("loss", step_loss, step + 1, last_ckpt, bar)
+                _diverged("loss", step_loss, step + 1, last_ckpt, bar, cfg.lr)
             grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.clip)) if cfg.clip > 0 else float("nan")
             if cfg.clip > 0 and not math.isfinite(grad_norm) and cfg.precision != "fp16" and accelerator.mixed_precision != "fp16":
-                _diverged("gradient norm", grad_norm, step + 1, last_ckpt, bar)
+                _diverged("gradient norm", grad_norm, step + 1, last_ckpt, bar, cfg.lr)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -275,7 +283,7 @@ def train_loop(
     bar.close()
     return LoopResult(status=status, step=step, total_steps=total_steps, tokens=tokens, train_seconds=train_seconds,
                       tokens_per_second=run_tokens / max(train_seconds, 1e-9), last_loss=last_loss, val=val,
-                      checkpoint=str(last_ckpt) if last_ckpt else None)
+                      checkpoint=str(last_ckpt) if last_ckpt else None, signal=flag.signal if status == "interrupted" else None)
 
 
 def _accumulate_gradients(model: nn.Module, teacher: nn.Module | None, objective: Objective, data: TrainData, step: int,
@@ -312,8 +320,12 @@ def _null() -> Iterator[None]:
     yield
 
 
-def _diverged(what: str, value: float, step: int, last_ckpt: Path | None, bar: Any) -> None:
+def _diverged(what: str, value: float, step: int, last_ckpt: Path | None, bar: Any, lr: float) -> None:
+    """Stop with advice that works: the run is deterministic, so resuming its last checkpoint with the
+    same settings repeats the same steps, and `--resume` refuses a changed --lr (it would change the
+    schedule of the saved run); a new run with a lower --lr does not have that problem."""
     bar.close()
-    where = f"the last good checkpoint is {last_ckpt} (continue from it with --resume, e.g. with a lower --lr)" if last_ckpt \
-        else "no checkpoint had been written yet (try a lower --lr)"
-    raise TrainingDiverged(f"{what} became {value} at step {step}: training stopped; {where}")
+    kept = f"the last good checkpoint, {last_ckpt}, is kept, but resuming it with the same settings repeats the same steps" \
+        if last_ckpt else "no checkpoint had been written yet"
+    raise TrainingDiverged(f"{what} became {value} at step {step}: training stopped ({kept}); start again with a lower "
+                           f"learning rate, e.g. --lr {lr / 10:.3g} (a tenth of {lr:.3g}) with --overwrite")

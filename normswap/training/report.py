@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from normswap.log import logger
+
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss_curve.png"
 
@@ -21,8 +23,8 @@ class TrainLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.is_file():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [e for e in self.read() if isinstance(e.get("step", 0), int) and e.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
@@ -32,9 +34,25 @@ class TrainLog:
             f.write(json.dumps(clean) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The log's entries. A damaged line (a run killed mid-write, a stray edit) is skipped
+        with a warning: the log is a record of the run, not an input to it."""
         if not self.path.is_file():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        entries, bad = [], 0
+        for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not ln.strip():
+                continue
+            try:
+                entry = json.loads(ln)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                bad += 1
+        if bad:
+            logger.warning("%s: skipped %d damaged line(s)", self.path, bad)
+        return entries
 
 
 def plot_losses(log: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
