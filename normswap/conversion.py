@@ -12,6 +12,7 @@ Order of work, each step in its own module:
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,14 @@ Target = Literal["rmsnorm", "dyt"]
 TiedHead = Literal["auto", "center-embed", "untie"]
 TARGETS = ("rmsnorm", "dyt")
 TIED_HEAD_CHOICES = ("auto", "center-embed", "untie")
+# Output dtypes (`--dtype`); "auto" (the default) is the source checkpoint's own floating dtype.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+# The bound `--verify` holds an exact conversion's relative logit deviation to, by output dtype. In
+# float32 rounding stays far below 1e-4. In half precision every rewritten (centred, folded) weight
+# is rounded once more, to unit roundoff u = 2^-9 (bfloat16) or 2^-11 (float16): measured 0.26-0.7 u
+# on GPT-2 models (tests/test_dtype.py, the gpt2 stand-in cast to half); the bound is 8 u.
+EXACT_TOLERANCE = {"float32": 1e-4, "bfloat16": 2.0 ** -6, "float16": 2.0 ** -8}
 
 
 @dataclass
@@ -58,6 +67,7 @@ class ConversionResult:
             "family": self.record.family,
             "style": self.record.style,
             "exact": self.record.exact,
+            "dtype": self.record.dtype,
             "tied_head": self.record.tied_head,
             "sites": [
                 {"path": s.path, "placement": s.placement, "new_type": s.type, "folded": s.folded, "exact": s.exact,
@@ -91,38 +101,59 @@ def convert_model(
     verify_text: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    dtype: str | torch.dtype | None = "auto",
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
     The input model object is modified in place and returned (load it again to keep the original);
     a path is loaded fresh and never written to. With `verify`, original and converted outputs are
     compared on sample text; approximate conversions are always measured.
+
+    `dtype` is the output's floating dtype: "auto" (the source's own: the dominant floating dtype
+    of its stored tensors, or of a given model's parameters), "float32", "bfloat16" or "float16".
+    The surgery works on the source's values exactly (see `resolve_dtypes`), does its maths in
+    float64 and rounds each result once to the output dtype; DyT calibration and verification of
+    a half-precision model on CPU run in float32 arithmetic.
+
+    Calibration or verification text needs a tokenizer: text with none is an error. Without text
+    and without a tokenizer (tiny test models), seeded random token ids stand in, with a warning.
     """
     from normswap import __version__
-    from normswap.loading import load_pretrained, load_tokenizer
+    from normswap.loading import check_source, load_config, load_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
     if to not in TARGETS:
         raise NormswapError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
     if tied_head not in TIED_HEAD_CHOICES:
         raise NormswapError(f"unknown --tied-head {tied_head!r}: choose one of {', '.join(TIED_HEAD_CHOICES)}")
+    parse_dtype(dtype)
     if calib_text is not None and not calib_text.strip():
         raise NormswapError("calibration text is empty")
     source = None
     if isinstance(model, (str, Path)):
         source = str(model)
-        model = load_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        local = check_source(source)
+        config = load_config(source, revision=revision, trust_remote_code=trust_remote_code) if local is None else None
+        out_dtype, work_dtype, dtype_warnings = resolve_dtypes(dtype, source=local, config=config)
         if tokenizer is None:
             tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
+        _check_texts(source, tokenizer, calib_text, verify_text)  # before the weights are loaded
+        model = load_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, dtype=work_dtype)
+    else:
+        out_dtype, work_dtype, dtype_warnings = resolve_dtypes(dtype, model=model)
+        _check_texts(type(model).__name__, tokenizer, calib_text, verify_text)
+    # one working dtype for every stored tensor (from_pretrained keeps some modules in float32)
+    cast_floats(model, work_dtype)
     model.eval()
     plan, sites, warnings, centre = plan_conversion(model, to)
+    warnings = dtype_warnings + warnings
     measure = verify or not (to == "rmsnorm" and centre)
-    original = copy.deepcopy(model) if measure else None
+    original = copy.deepcopy(model) if measure else None  # the source's values, exactly
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
         family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
         source=getattr(model.config, "_normswap_source", None) or {"model": source, "revision": revision},
-        version=__version__,
+        version=__version__, dtype=dtype_name(out_dtype),
     )
     with torch.no_grad():
         if centre:
@@ -130,19 +161,148 @@ def convert_model(
         calib_batches = None
         if to == "dyt" and alpha_init is None:
             calib_batches = token_blocks(model, tokenizer, calib_text, n_tokens=calib_tokens)
+            if _random_ids(tokenizer, calib_batches):
+                warnings.append("calibration used random token ids: the model has no tokenizer (give its folder tokenizer "
+                                "files for a fit on real text)")
         result = ConversionResult(record, 0.0, warnings, tokenizer=tokenizer, source=source)
-        _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result)
+        from normswap.verification import float32_compute
+
+        # Calibration runs the model: half precision on CPU runs it upcast to float32 (exactly; the
+        # sites' new parameters are then rounded once, to the output dtype, below).
+        with float32_compute(model, enabled=calib_batches is not None):
+            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result)
+    cast_floats(model, out_dtype)
+    model.config.dtype = out_dtype
+    for s in record.sites:  # the values as saved
+        if s.alpha is not None:
+            s.alpha = float(get_module(model, s.path).alpha.detach())
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
     if record.tied_head and "untie" == record.tied_head:
         model.config.tie_word_embeddings = False
     if measure:
         from normswap.verification import compare
 
-        batches = token_blocks(model, tokenizer, verify_text, n_tokens=1024, block=256, batch_size=2, seed=1)
+        batches = token_blocks(model, tokenizer, verify_text, n_tokens=1024, block=256, batch_size=2, seed=1, what="verification text")
+        if _random_ids(tokenizer, batches):
+            warnings.append("verification used random token ids: the model has no tokenizer (the deviation is not measured on real text)")
         result.verification = compare(original, model, batches)
+        result.verification["exact_tolerance"] = EXACT_TOLERANCE[dtype_name(out_dtype)]
         del original
     result.seconds = time.perf_counter() - t0
     return model, result
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a dtype: "bfloat16" for torch.bfloat16."""
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """An output dtype choice: None for "auto" (or None), else one of DTYPES' values."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise NormswapError(f"unknown --dtype {str(dtype)[:40]!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+
+
+def stored_float_dtypes(folder: str | Path) -> dict[torch.dtype, int]:
+    """Element counts of a local checkpoint folder's floating tensors by dtype, from the
+    (validated) safetensors headers alone."""
+    from normswap.integrity import read_checkpoint, weight_files
+
+    folder = Path(folder)
+    files, weight_map = weight_files(folder, any_name=True)
+    counts: dict[torch.dtype, int] = {}
+    for h in read_checkpoint(files, weight_map, folder / "model.safetensors.index.json"):
+        for t in h.tensors.values():
+            if t.torch_dtype.is_floating_point:
+                counts[t.torch_dtype] = counts.get(t.torch_dtype, 0) + math.prod(t.shape)
+    return counts
+
+
+def _model_float_dtypes(model: nn.Module) -> dict[torch.dtype, int]:
+    counts: dict[torch.dtype, int] = {}
+    seen: set[int] = set()
+    for t in model.state_dict(keep_vars=True).values():
+        if t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return counts
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    v = getattr(config, "dtype", None)
+    if v is None and "torch_dtype" in getattr(config, "__dict__", {}):
+        v = config.__dict__["torch_dtype"]
+    if isinstance(v, str):
+        v = getattr(torch, v.removeprefix("torch."), None)
+    return v if isinstance(v, torch.dtype) and v.is_floating_point else None
+
+
+def resolve_dtypes(dtype: str | torch.dtype | None, *, source: str | Path | None = None, model: nn.Module | None = None,
+                   config: Any = None) -> tuple[torch.dtype, torch.dtype, list[str]]:
+    """(output dtype, working dtype, warnings) of a conversion.
+
+    The source's dtypes are those of its stored tensors (a local folder's safetensors headers, or
+    a loaded `model`'s parameters), else its config's `dtype` / `torch_dtype` (a Hub id), else
+    unknown (float32). "auto" picks the dominant one (by element count); a dtype outside DTYPES
+    (float64...) gives float32 with a warning. A source that mixes dtypes is saved all in the
+    dominant one, with a warning naming the share that is rounded.
+
+    The working dtype, in which the model is loaded and the surgery rounds its float64 results,
+    holds every source value exactly: the output dtype where every stored floating tensor already
+    has it (each result is then rounded once), float32 otherwise (then cast to the output dtype
+    at the end). The in-memory and streaming paths both follow it, so they give the same bits.
+    """
+    want = parse_dtype(dtype)
+    counts = _model_float_dtypes(model) if model is not None else stored_float_dtypes(source) if source is not None else {}
+    if not counts and config is not None and _config_dtype(config) is not None:
+        counts = {_config_dtype(config): 1}
+    warnings: list[str] = []
+    stored = max(counts, key=counts.get) if counts else None
+    out = want
+    if out is None:
+        out = stored if stored in DTYPES.values() else torch.float32
+        if stored is not None and stored not in DTYPES.values():
+            warnings.append(f"the source's weights are {dtype_name(stored)}: the output is float32 (choose with --dtype)")
+        lossy = [d for d in counts if d != out and not (out == torch.float32 and d in (torch.bfloat16, torch.float16))]
+        if stored in DTYPES.values() and lossy:
+            total = sum(counts.values())
+            parts = ", ".join(f"{100 * counts[d] / total:.2g}% {dtype_name(d)}" for d in lossy)
+            warnings.append(f"the source mixes floating dtypes: its {parts} weights are rounded to {dtype_name(out)} "
+                            f"(--dtype float32 keeps every value)")
+    work = out if counts and set(counts) == {out} else torch.float32
+    return out, work, warnings
+
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and persistent buffer (what is saved) to `dtype` in place,
+    keeping tied parameters tied; non-persistent buffers (RoPE frequencies...) are left as built."""
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != dtype and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = b.to(dtype)
+
+
+def _check_texts(where: str, tokenizer: Any, calib_text: str | None, verify_text: str | None) -> None:
+    """Text given for a model without a tokenizer is an error, not random token ids."""
+    if tokenizer is None and (calib_text is not None or verify_text is not None):
+        what = "calibration text (--calib-text)" if calib_text is not None else "verification text (--verify-text)"
+        raise NormswapError(f"{where} has no tokenizer (no tokenizer.json, vocab or tokenizer_config.json file): cannot "
+                            f"tokenise the {what}; add the tokenizer files to the model folder")
+
+
+def _random_ids(tokenizer: Any, batches: list[dict[str, torch.Tensor]]) -> bool:
+    return tokenizer is None and bool(batches) and "input_ids" in batches[0]
 
 
 def plan_conversion(model: nn.Module, to: str) -> tuple[ModelPlan, list[Site], list[str], bool]:
@@ -257,6 +417,10 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
                 result.calibration[site.path] = {"rel_error": fitted.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
                 method = "calibrated-sequential" if sequential else "calibrated"
         ref = next(old.parameters(), None)
+        # the affine as built (float32, holding the source's values exactly): folding rounds its
+        # float64 product once, to the reader's dtype, as the streaming path does
+        affine = [None if p is None else p.detach().to(device=ref.device if ref is not None else p.device)
+                  for p in (new.weight, new.bias)]
         if ref is not None:
             new = new.to(dtype=ref.dtype, device=ref.device)
         folded = False
@@ -264,7 +428,7 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             blocker = _fold_blocker(site, plan, model, record.tied_head)
             if blocker is None:
                 for reader in site.readers:
-                    if fold_into_reader(get_module(model, reader), new.weight, new.bias):
+                    if fold_into_reader(get_module(model, reader), *affine):
                         record.new_biases.append(reader)
                 new.weight = None
                 new.bias = None
@@ -287,7 +451,7 @@ def _affine(module: nn.Module, site: Site) -> tuple[torch.Tensor | None, torch.T
     b = getattr(module, "bias", None)
     w = None if w is None else w.detach().clone()
     if w is not None and type(module).__name__.startswith("Gemma"):
-        w = 1.0 + w
+        w = 1.0 + w.float()  # in float32 as Gemma computes it (and as the streaming path does)
     return w, (None if b is None else b.detach().clone())
 
 

@@ -32,16 +32,18 @@ def convert_cmd(
     low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (rmsnorm, or dyt with --alpha-init; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Floating dtype of the saved weights: auto (the source checkpoint's own), float32, bfloat16 or float16."),
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     """Replace every LayerNorm with RMSNorm or DyT and save a checkpoint that loads back exactly."""
     from normswap.conversion import convert_model
     from normswap.loading import save
     from normswap.log import logger
+    from normswap.outputs import check_output
     from normswap.samples import read_text
 
-    if out.exists() and not overwrite:
-        raise NormswapError(f"output folder {out} exists (use --overwrite to replace it)")
+    inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text}
+    check_output(out, overwrite=overwrite, inputs=inputs)  # before any long work
     calib = read_text(calib_text) if calib_text is not None else None
     vtext = read_text(verify_text) if verify_text is not None else None
     stream = _use_streaming(model, to, alpha_init, low_memory, verify, revision, trust_remote_code)
@@ -49,23 +51,26 @@ def convert_cmd(
     if stream:
         from normswap.streaming import stream_convert
 
-        result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite)
+        result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite, dtype=dtype)
     else:
         converted, result = convert_model(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
+            dtype=dtype,
         )
-        save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None, overwrite=overwrite)
+        save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
+             overwrite=overwrite, inputs=inputs)
     logger.info("saved %s", out)
     data = result.to_json() | {"out": str(out), "low_memory": stream}
-    failed = verify and result.record.exact and (result.verification or {}).get("max_rel_diff", 0.0) > EXACT_TOLERANCE
+    tolerance = (result.verification or {}).get("exact_tolerance", EXACT_TOLERANCE)  # by output dtype
+    failed = verify and result.record.exact and (result.verification or {}).get("max_rel_diff", 0.0) > tolerance
     data["verified"] = None if not verify else not failed
     if fmt == OutputFormat.json:
         emit_json(data)
     else:
         _print_human(data)
     if failed:
-        raise NormswapError(f"verification failed: relative logit difference {data['max_rel_diff']:.3g} > {EXACT_TOLERANCE:g} for an exact conversion")
+        raise NormswapError(f"verification failed: relative logit difference {data['max_rel_diff']:.3g} > {tolerance:g} for an exact conversion")
 
 
 def _use_streaming(model: str, to: str, alpha_init: Optional[float], low_memory: bool, verify: bool,
@@ -99,6 +104,7 @@ def _print_human(d: dict) -> None:
     typer.echo(table(rows, ["site", "placement", "new", "how", "folded", "alpha", "fit err"]))
     typer.echo("")
     typer.echo(f"target      {d['target']}  ({'exact' if d['exact'] else 'approximate: recover with normswap finetune'})")
+    typer.echo(f"dtype       {d['dtype']}")
     if d["tied_head"]:
         typer.echo(f"tied head   {d['tied_head']}")
     if d["unfolded"]:
