@@ -15,9 +15,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from normswap import interrupts as _interrupts  # noqa: E402
+
+if _interrupts.launched_as_cli():  # Ctrl-C during the slow imports below: one line, not a traceback
+    _interrupts.install()
 from normswap.errors import NormswapError  # noqa: E402
 from normswap.loading import load, load_pretrained, save  # noqa: E402
+from normswap.auto import register as _register_auto_classes  # noqa: E402
 
+# Importing normswap registers the "normswap" model type with transformers' Auto classes.
+_register_auto_classes()
 
 def inspect(*args, **kwargs):  # noqa: A001 - mirrors the CLI verb
     """Describe a model's norm sites; see `normswap.inspection.inspect_model`."""
@@ -32,13 +39,5 @@ def convert(*args, **kwargs):
 
     return convert_model(*args, **kwargs)
 
-
-def _register_auto_classes() -> None:
-    from normswap.auto import register
-
-    register()
-
-
-_register_auto_classes()
 
 __all__ = ["NormswapError", "convert", "inspect", "load", "load_pretrained", "save", "__version__"]

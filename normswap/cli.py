@@ -19,7 +19,10 @@ from normswap.commands import inspect as _inspect
 from normswap.commands import push as _push
 from normswap.commands import recipe as _recipe
 from normswap.errors import NormswapError
+from normswap.interrupts import Interrupted
+from normswap.interrupts import install as install_signal_handlers
 from normswap.log import setup_logging
+from normswap.outputs import describe_io_error
 
 app = typer.Typer(
     name="normswap",
@@ -55,24 +58,38 @@ for _module in (_inspect, _convert, _eval, _finetune, _recipe, _push):
 
 
 def main() -> None:
-    """Console entry point: run the app, turning user errors into one line on stderr."""
+    """Console entry point: run the app and exit with its code; user errors and interrupts are one
+    line on stderr (exit 2 for a mistake, 130 for Ctrl-C, 143 for SIGTERM), never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    install_signal_handlers()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except NormswapError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except Interrupted as err:
+        typer.echo(f"error: interrupted ({err})", err=True)
+        sys.exit(err.exit_code)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except OSError as err:  # a full disk or a permission error wherever it happened
+        what = describe_io_error(err)
+        if what is None:
+            raise
+        typer.echo(f"error: {what}", err=True)
+        sys.exit(2)
     except Exception as err:
-        # Usage errors (unknown option, missing argument) from click or Typer's bundled copy of it.
-        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
-            err.show()
+        # Usage errors (unknown option, missing argument, a value of the wrong type) from click or
+        # Typer's bundled copy of it: one line, with where to find the usage.
+        if hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see '{ctx.command_path if ctx is not None else 'normswap'} --help')"
+            typer.echo(f"error: {err.format_message()}{hint}", err=True)
             sys.exit(err.exit_code)
         raise
+    # Without standalone mode Typer returns the code of a `typer.Exit` (and 130 for a
+    # KeyboardInterrupt it caught) instead of exiting with it.
+    sys.exit(code if isinstance(code, int) else 0)

@@ -84,4 +84,4 @@ def finetune_cmd(
         typer.echo(table(rows, ["finetune", "value"]))
     if result.status == "interrupted":
         typer.echo(f"interrupted at step {result.step} of {result.total_steps}; continue with --resume", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if result.signal == "SIGTERM" else 130)

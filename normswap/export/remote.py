@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from normswap.errors import NormswapError
+from normswap.outputs import atomic_output, check_disjoint
 
 MODELING_FILE = "modeling_normswap.py"
 TEMPLATE = Path(__file__).with_name("template_modeling.py")
@@ -68,25 +69,23 @@ def export_for_hub(folder: str | os.PathLike, out: str | os.PathLike, *, card: s
     an earlier export); returns the relative paths of the files written."""
     src = check_checkpoint(folder)
     out = Path(out)
-    if out.exists():
-        if not (out / MODELING_FILE).is_file():
-            raise NormswapError(f"export folder {out} exists and is not an earlier normswap export; choose another")
-        shutil.rmtree(out)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise NormswapError(f"export folder {out} must be outside {src}")
-    out.mkdir(parents=True)
-    (out / MODELING_FILE).write_text(modeling_source(), encoding="utf-8")  # first: marks the folder as an export
-    shutil.copy2(src / "model.safetensors", out / "model.safetensors")
-    for item in src.iterdir():
-        if item.name in _SKIP or item.name.startswith(".") or item.name.endswith(_WEIGHT_SUFFIXES) or item.name.startswith("checkpoint"):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name)
-        elif item.is_file():
-            shutil.copy2(item, out / item.name)
-    cfg: dict[str, Any] = json.loads((src / "config.json").read_text())
-    cfg["auto_map"] = dict(AUTO_MAP)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if card is not None:
-        (out / "README.md").write_text(card, encoding="utf-8")
+    check_disjoint(out, {"checkpoint": src}, flag="--export-dir")
+    if out.exists() and not (out / MODELING_FILE).is_file():
+        raise NormswapError(f"export folder {out} exists and is not an earlier normswap export; choose another")
+    # An earlier export is replaced only once the new one is complete.
+    with atomic_output(out, overwrite=True, inputs={"checkpoint": src}, flag="--export-dir") as tmp:
+        (tmp / MODELING_FILE).write_text(modeling_source(), encoding="utf-8")  # marks the folder as an export
+        shutil.copy2(src / "model.safetensors", tmp / "model.safetensors")
+        for item in src.iterdir():
+            if item.name in _SKIP or item.name.startswith(".") or item.name.endswith(_WEIGHT_SUFFIXES) or item.name.startswith("checkpoint"):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            elif item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        cfg: dict[str, Any] = json.loads((src / "config.json").read_text())
+        cfg["auto_map"] = dict(AUTO_MAP)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

@@ -31,7 +31,8 @@ import yaml
 
 from normswap.errors import NormswapError
 from normswap.log import logger
-from normswap.recipes.schema import Job, Recipe
+from normswap.outputs import atomic_output, check_output
+from normswap.recipes.schema import PATH_KEYS, Job, Recipe
 
 STATE_FILE = "stages.json"
 
@@ -63,7 +64,17 @@ class _State:
 
     def __init__(self, job_dir: Path):
         self.path = job_dir / STATE_FILE
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                data = err
+            if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+                self.data = data
+            else:  # a damaged record of completed stages costs a re-run of those stages, nothing else
+                logger.warning("%s is damaged (%s): every stage of this job runs again", self.path,
+                               data if isinstance(data, Exception) else "not a mapping of stages")
 
     def done(self, stage: str, fp: str) -> dict[str, Any] | None:
         entry = self.data.get(stage)
@@ -86,6 +97,16 @@ def run_dir_of(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
 
 def run_recipe(recipe: Recipe, *, output_dir: str | Path | None = None, force: bool = False,
                jobs: list[str] | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Run every job of `recipe` (or the named `jobs`); returns the run's results dict. One run per
+    run folder: while it runs, another one refuses (see `normswap.locking.folder_lock`)."""
+    from normswap.locking import folder_lock
+
+    with folder_lock(run_dir_of(recipe, output_dir), "recipe run"):
+        return _run_recipe(recipe, output_dir=output_dir, force=force, jobs=jobs, progress=progress)
+
+
+def _run_recipe(recipe: Recipe, *, output_dir: str | Path | None = None, force: bool = False,
+                jobs: list[str] | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Run every job of `recipe` (or the named `jobs`); returns the run's results dict."""
     from normswap.recipes.report import write_report, write_results
 
@@ -96,12 +117,14 @@ def run_recipe(recipe: Recipe, *, output_dir: str | Path | None = None, force: b
             raise NormswapError(f"no job {unknown[0]!r} in {recipe.path} (jobs: {', '.join(j.name for j in recipe.jobs)})")
         selected = [j for j in recipe.jobs if j.name in jobs]
     run_dir = run_dir_of(recipe, output_dir)
+    check_output(run_dir, overwrite=False, allow_existing=True, inputs=recipe_inputs(recipe), flag="run folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise NormswapError(f"cannot create run folder {run_dir}: {err.strerror}") from None
     t0 = time.perf_counter()
-    shutil.copyfile(recipe.path, run_dir / "recipe.yaml")
+    if not (run_dir / "recipe.yaml").exists() or not (run_dir / "recipe.yaml").samefile(recipe.path):
+        shutil.copyfile(recipe.path, run_dir / "recipe.yaml")
     (run_dir / "resolved.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     outcomes: list[dict[str, Any]] = []
     with _log_to(run_dir / "run.log"):
@@ -116,6 +139,19 @@ def run_recipe(recipe: Recipe, *, output_dir: str | Path | None = None, force: b
         logger.info("report: %s (%.1f s)", report, wall)
     results["report"] = str(report)
     return results
+
+
+def recipe_inputs(recipe: Recipe) -> dict[str, Any]:
+    """Every local input the recipe's jobs read (models, data), named for error messages."""
+    found: dict[str, Any] = {}
+    for job in recipe.jobs:
+        for key in PATH_KEYS:
+            node: Any = job
+            for k in key:
+                node = getattr(node, k, None) if node is not None else None
+            if isinstance(node, (str, Path)) and node not in ("original",):
+                found[f"{job.name} {'.'.join(key)}"] = node
+    return found
 
 
 def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | None = None) -> dict[str, Any]:
@@ -179,7 +215,7 @@ def _run_once(state: _State, key: str, fp: str, output: Path, run: Callable[[], 
     """Run a stage unless an earlier run with the same fingerprint finished it and left `output`;
     returns the stage's state entry (summary and seconds)."""
     entry = None if force else state.done(key, fp)
-    if entry is not None and output.is_file():
+    if entry is not None and _intact_json(output):
         skipped.append(key)
         return entry
     state.forget(key)
@@ -187,6 +223,14 @@ def _run_once(state: _State, key: str, fp: str, output: Path, run: Callable[[], 
     summary = run()
     state.mark(key, fp, time.perf_counter() - t, summary)
     return state.data[key]
+
+
+def _intact_json(path: Path) -> bool:
+    """A stage's output file exists and reads as a JSON object (a damaged one means: run again)."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -204,7 +248,7 @@ def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
         calib_text=read_text(c.calib_text) if c.calib_text else None, calib_tokens=c.calib_tokens,
         sequential=c.sequential, alpha_init=c.alpha_init, verify=c.verify,
         verify_text=read_text(c.verify_text) if c.verify_text else None, revision=c.revision,
-        trust_remote_code=c.trust_remote_code,
+        trust_remote_code=c.trust_remote_code, dtype=c.dtype,
     )
     save(model, out, result.record, tokenizer=result.tokenizer, copy_from=job.model if Path(job.model).is_dir() else None,
          overwrite=True)
@@ -219,6 +263,7 @@ def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
 
 def _finetune(job: Job, student: str, out: Path, *, force: bool, progress: bool | None) -> dict[str, Any]:
     from normswap.training import finetune
+    from normswap.training.api import resumable
     from normswap.training.objectives import parse_objective
 
     f = job.finetune
@@ -227,7 +272,7 @@ def _finetune(job: Job, student: str, out: Path, *, force: bool, progress: bool 
     teacher = None
     if f.teacher is not None and (weights.get("distill", 0) > 0 or cfg.progressive):
         teacher = job.model if f.teacher == "original" else f.teacher
-    resume = not force and (out / "checkpoints").is_dir() and not (out / "config.json").is_file()
+    resume = not force and resumable(out)
     logger.info("job %s: finetune %s (%s%s) on %s%s", job.name, student, cfg.objective,
                 f", teacher {teacher}" if teacher else "", f.data, ", resuming" if resume else "")
     result = None
@@ -239,7 +284,12 @@ def _finetune(job: Job, student: str, out: Path, *, force: bool, progress: bool 
     if result is None:
         result = finetune(student, data=f.data, out=out, teacher=teacher, config=cfg, overwrite=True)
     if result.status == "interrupted":
-        raise NormswapError(f"job {job.name}: fine-tuning interrupted at step {result.step}; run the recipe again to resume")
+        import signal
+
+        from normswap.interrupts import Interrupted
+
+        logger.info("job %s: fine-tuning interrupted at step %d; run the recipe again to resume", job.name, result.step)
+        raise Interrupted(signal.SIGTERM if result.signal == "SIGTERM" else signal.SIGINT)
     return {"objective": cfg.objective, "teacher": teacher, "status": result.status, "steps": result.step,
             "total_steps": result.total_steps, "tokens": result.tokens, "train_seconds": round(result.train_seconds, 1),
             "tokens_per_second": round(result.tokens_per_second, 1), "last_loss": result.last_loss, "val": result.val,
@@ -256,20 +306,16 @@ def _evaluate(job: Job, role: str, model: str, out: Path, run_dir: Path, *, forc
     cache = run_dir / ".cache" / f"original-{fingerprint({'model': model, 'eval': job.eval.model_dump(mode='json', exclude={'models'})})}"
     if role == "original" and not force and (cache / "results.json").is_file():
         logger.info("job %s: original %s already evaluated in this run; reusing %s", job.name, model, cache)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(cache, out)
+        with atomic_output(out, overwrite=True) as tmp:
+            shutil.copytree(cache, tmp, dirs_exist_ok=True)
         return json.loads((out / "results.json").read_text())["results"]
     logger.info("job %s: evaluate %s (%s)", job.name, role, model)
-    if out.exists():
-        shutil.rmtree(out)
     res = run_eval(req)
     if not (out / "results.json").is_file():  # run_eval writes it; keep the contract explicit
         write_json(out / "results.json", {"results": res})
     if role == "original":
-        if cache.exists():
-            shutil.rmtree(cache)
-        shutil.copytree(out, cache)
+        with atomic_output(cache, overwrite=True) as tmp:
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
     return res
 
 
@@ -278,7 +324,7 @@ def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) 
     from normswap.evaluation.runner import EvalRequest
 
     e = job.eval
-    req = EvalRequest(model=model, baseline=None, out=str(out), progress=progress)
+    req = EvalRequest(model=model, baseline=None, out=str(out), overwrite=True, progress=progress)
     if e.ppl:
         req.ppl, req.max_length, req.stride, req.max_tokens = e.ppl.data, e.ppl.max_length, e.ppl.stride, e.ppl.max_tokens
         req.pseudo_ppl, req.mlm_probability, req.mask_seed, req.ppl_batch_size = e.ppl.pseudo, e.ppl.mlm_probability, e.ppl.mask_seed, e.ppl.batch_size

@@ -23,6 +23,9 @@ from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.training.config import TrainConfig
 from normswap.training.data import TrainData, build_data
+from normswap.evaluation.results import write_json
+from normswap.outputs import swap_into_place
+from normswap.training.checkpoint import latest_checkpoint
 from normswap.training.loop import LoopResult, train_loop
 from normswap.training.objectives import Objective, model_kind, parse_objective
 from normswap.training.params import select_trainable
@@ -62,9 +65,37 @@ def finetune(
     `config` (or keyword overrides of its fields, e.g. `steps=100, objective="distill"`) sets the run.
     With `resume`, training continues from the newest checkpoint in `out` with the saved settings'
     data order, optimizer, scheduler and RNG, so the result matches an uninterrupted run.
+    With `overwrite`, an existing `out` is replaced only once the new run is complete: until then
+    the run lives in a staging folder beside it (see `work_folder`), which `resume` continues.
     Returns a FinetuneResult; an interrupted run (Ctrl-C) returns status "interrupted" after
     saving a checkpoint. Raises NormswapError on bad input and TrainingDiverged on NaN/inf loss.
+    One run per `out`: while it runs, another one refuses (see `normswap.locking.folder_lock`).
     """
+    from contextlib import nullcontext
+
+    from accelerate import PartialState
+
+    from normswap.locking import folder_lock
+
+    # under `accelerate launch` only the main process locks (the others are part of the same run)
+    with folder_lock(Path(out), "finetune") if PartialState().is_main_process else nullcontext():
+        return _finetune(student, data=data, out=out, teacher=teacher, config=config, overwrite=overwrite,
+                         resume=resume, on_step=on_step, **overrides)
+
+
+def _finetune(
+    student: str | os.PathLike,
+    *,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    teacher: str | os.PathLike | None = None,
+    config: TrainConfig | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """`finetune` without the lock (see there)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -83,10 +114,10 @@ def finetune(
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), kwargs_handlers=handlers)
     if not accelerator.is_main_process:  # under `accelerate launch`: one process reports
         logger.setLevel(logging.WARNING)
-    _check_out(out, overwrite=overwrite, resume=resume, remove=accelerator.is_main_process)
-    accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
+    work = work_folder(out, overwrite=overwrite, resume=resume, inputs={"student": student, "teacher": teacher, "data": data})
+    accelerator.wait_for_everyone()  # every process has chosen `work` before the main one writes to it
     if resume:
-        _check_resume_config(out, cfg, student=student, teacher=teacher, data=data)
+        _check_resume_config(work, cfg, student=student, teacher=teacher, data=data)
     if (weights.get("distill", 0) > 0 or cfg.progressive) and teacher is None:
         raise NormswapError("--teacher is needed for " + ("the distill objective" if weights.get("distill", 0) > 0 else "--progressive"))
 
@@ -139,31 +170,45 @@ def finetune(
         logger.info("progressive: %d sites, one every %d steps%s", len(paths), schedule.every,
                     f", fading over {schedule.fade} steps" if schedule.fade else "")
 
+    created = not work.exists()
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if not resume and work != out and work.exists():  # an earlier, abandoned replacement run
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (out / CONFIG_FILE).write_text(json.dumps({
+            (work / CONFIG_FILE).write_text(json.dumps({
                 "student": student, "teacher": teacher, "data": data, "total_steps": total_steps,
                 "config": cfg.to_dict(), **provenance()}, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
 
     try:
-        result = train_loop(model=model, teacher=teacher_model, objective=objective, data=data_, cfg=cfg,
-                            total_steps=total_steps, out=out, accelerator=accelerator, resume=resume,
-                            progressive=progressive, on_step=on_step)
-    finally:
+        try:
+            result = train_loop(model=model, teacher=teacher_model, objective=objective, data=data_, cfg=cfg,
+                                total_steps=total_steps, out=work, accelerator=accelerator, resume=resume,
+                                progressive=progressive, on_step=on_step)
+        finally:
+            if accelerator.is_main_process:
+                plot_losses(TrainLog(work).read(), work / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(data).name}")
+        final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), **asdict(result))
+        if result.status in ("completed", "time_limit"):
+            trained = accelerator.unwrap_model(model)
+            if progressive is not None:
+                unwrap_sites(trained, progressive[0])
+            if accelerator.is_main_process:
+                save_final(trained, work, record, tokenizer, student=student, teacher=teacher, data=data, result=final)
+            accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            plot_losses(TrainLog(out).read(), out / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(data).name}")
-    final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), **asdict(result))
-    if result.status in ("completed", "time_limit"):
-        trained = accelerator.unwrap_model(model)
-        if progressive is not None:
-            unwrap_sites(trained, progressive[0])
-        if accelerator.is_main_process:
-            save_final(trained, out, record, tokenizer, student=student, teacher=teacher, data=data, result=final)
+            write_json(work / RESULT_FILE, {**final.to_dict(), **provenance()})
+            if work != out and result.status != "interrupted":
+                swap_into_place(work, out)  # the old folder goes only now, by rename
         accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (out / RESULT_FILE).write_text(json.dumps({**final.to_dict(), **provenance()}, indent=2, default=str) + "\n")
+    except BaseException:
+        # A failed run leaves no folder behind unless it holds a checkpoint to resume from.
+        if accelerator.is_main_process and created and work.is_dir() and latest_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if final.checkpoint and work != out and result.status == "interrupted":
+        logger.info("the interrupted run is kept in %s until it completes; %s is unchanged", work, out)
     return final
 
 
@@ -180,27 +225,43 @@ def check_vocabularies(student: str, s_model: nn.Module, s_tok: Any, teacher: st
         raise NormswapError(f"teacher and student have different vocabularies: the tokenizers of {teacher} and {student} differ")
 
 
-def _check_out(out: Path, *, overwrite: bool, resume: bool, remove: bool = True) -> None:
-    """Refuse an existing `out` unless --overwrite (then delete it, on the main process) or --resume."""
+def staging_folder(out: Path) -> Path:
+    """Where an --overwrite run of `out` lives until it completes (beside `out`, so the final
+    move is a rename on the same file system)."""
+    return out.parent / f".{out.name}.replacement"
+
+
+def work_folder(out: Path, *, overwrite: bool, resume: bool, inputs: dict[str, str | None]) -> Path:
+    """The folder this run writes into: `out` itself for a new folder or a resumed run, a staging
+    folder beside it when --overwrite replaces an existing one (and when --resume continues such a
+    replacement). Refuses an `out` that is, contains or lies inside an input; deletes nothing."""
+    from normswap.outputs import check_output
+
     if overwrite and resume:
         raise NormswapError("give --overwrite or --resume, not both")
+    staged = staging_folder(out)
+    check_output(out, overwrite=overwrite, inputs=inputs, allow_existing=resume)
+    check_output(staged, overwrite=True, inputs=inputs)
     if resume:
+        for candidate in (staged, out):
+            if candidate.is_dir() and latest_checkpoint(candidate) is not None:
+                return candidate
         if not out.is_dir():
             raise NormswapError(f"nothing to resume: {out} does not exist")
-        from normswap.training.checkpoint import latest_checkpoint
-
-        if latest_checkpoint(out) is None:
-            raise NormswapError(f"nothing to resume in {out}: no checkpoint")
-        return
+        raise NormswapError(f"nothing to resume in {out}: no checkpoint")
     if out.exists():
         if not overwrite:
             raise NormswapError(f"output folder {out} exists (use --overwrite to replace it or --resume to continue)")
-        if not remove:
-            return
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
+        return staged
+    return out
+
+
+def resumable(out: Path) -> bool:
+    """True if `finetune(..., resume=True)` has an unfinished run of `out` to continue."""
+    staged = staging_folder(out)
+    if staged.is_dir() and latest_checkpoint(staged) is not None:
+        return True
+    return out.is_dir() and latest_checkpoint(out) is not None and not (out / "config.json").is_file()
 
 
 def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: str | None, data: str) -> None:
