@@ -86,6 +86,23 @@ class ConversionResult:
         }
 
 
+def check_options(to: str, *, tied_head: str = "auto", dtype: Any = "auto", alpha_init: float | None = None,
+                  calib_tokens: int | None = None) -> None:
+    """The conversion settings that can be wrong before anything is loaded: one line each."""
+    import math
+
+    if to not in TARGETS:
+        raise NormswapError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
+    if tied_head not in TIED_HEAD_CHOICES:
+        raise NormswapError(f"unknown --tied-head {tied_head!r}: choose one of {', '.join(TIED_HEAD_CHOICES)}")
+    parse_dtype(dtype)
+    # alpha <= 0 makes DyT constant (0) or flips its sign: never a norm's stand-in
+    if alpha_init is not None and not (math.isfinite(alpha_init) and alpha_init > 0):
+        raise NormswapError(f"--alpha-init must be a positive number, got {alpha_init}")
+    if calib_tokens is not None and calib_tokens < 1:
+        raise NormswapError(f"--calib-tokens must be positive, got {calib_tokens}")
+
+
 def convert_model(
     model: nn.Module | str | Path,
     to: Target = "rmsnorm",
@@ -122,11 +139,7 @@ def convert_model(
     from normswap.loading import check_source, load_config, load_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
-    if to not in TARGETS:
-        raise NormswapError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
-    if tied_head not in TIED_HEAD_CHOICES:
-        raise NormswapError(f"unknown --tied-head {tied_head!r}: choose one of {', '.join(TIED_HEAD_CHOICES)}")
-    parse_dtype(dtype)
+    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
     if calib_text is not None and not calib_text.strip():
         raise NormswapError("calibration text is empty")
     source = None

@@ -329,18 +329,14 @@ def stream_convert(
     `normswap.conversion.resolve_dtypes`, which also gives the working dtype the maths rounds to).
     """
     from normswap import __version__
-    from normswap.conversion import (TARGETS, TIED_HEAD_CHOICES, ConversionResult, _centre_stream, _fold_blocker, dtype_name,
-                                     parse_dtype, plan_conversion, resolve_dtypes)
+    from normswap.conversion import (ConversionResult, _centre_stream, _fold_blocker, check_options, dtype_name,
+                                     plan_conversion, resolve_dtypes)
     from normswap.loading import _architecture_class, atomic_output, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
     from normswap.outputs import check_output
     from normswap.record import ConversionRecord
 
     t0 = time.perf_counter()
-    if to not in TARGETS:
-        raise NormswapError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
-    if tied_head not in TIED_HEAD_CHOICES:
-        raise NormswapError(f"unknown --tied-head {tied_head!r}: choose one of {', '.join(TIED_HEAD_CHOICES)}")
-    parse_dtype(dtype)
+    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init)
     why = streamable(to, alpha_init)
     if why:
         raise NormswapError(f"cannot convert with low memory: {why}")

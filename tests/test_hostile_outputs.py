@@ -578,3 +578,57 @@ def test_source_with_bad_weight_values_is_refused(how, path, work, monkeypatch, 
     code, _, err = run_cli(_convert(src, out, *extra), monkeypatch, capsys)
     refused(code, err, "dtype" if how == "int64" else "non-finite", exit_code=2)
     assert tree_digest(src) == before and not out.exists() and debris(work["root"]) == []
+
+
+# ---------------------------------------------------------------- out-of-range options, up front
+
+CONVERT_OPTION_CASES = {
+    "calib-tokens-negative": (["--to", "dyt", "--calib-tokens", "-5"], "--calib-tokens"),
+    "calib-tokens-zero": (["--to", "dyt", "--calib-tokens", "0"], "--calib-tokens"),
+    "alpha-init-nan": (["--to", "dyt", "--alpha-init", "nan"], "--alpha-init"),
+    "alpha-init-inf": (["--to", "dyt", "--alpha-init", "inf"], "--alpha-init"),
+    "alpha-init-zero": (["--to", "dyt", "--alpha-init", "0"], "--alpha-init"),
+    "alpha-init-negative": (["--to", "dyt", "--alpha-init", "-1"], "--alpha-init"),
+    "alpha-init-negative-lowmem": (["--to", "dyt", "--alpha-init", "-1", "--low-memory"], "--alpha-init"),
+    "unknown-target": (["--to", "layernorm"], "unknown target"),
+    "unknown-dtype": (["--to", "rmsnorm", "--dtype", "int8"], "--dtype"),
+}
+
+
+@pytest.mark.hostile("options")
+@pytest.mark.parametrize("case", list(CONVERT_OPTION_CASES))
+def test_convert_option_out_of_range(case, work, monkeypatch, capsys):
+    import normswap.loading as loading
+
+    extra, needle = CONVERT_OPTION_CASES[case]
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded before the options were checked"))
+    out = work["root"] / "out"
+    code, _, err = run_cli(["convert", str(work["teacher"]), "--out", str(out), *extra], monkeypatch, capsys)
+    refused(code, err, needle, exit_code=2)
+    assert not out.exists() and debris(work["root"]) == []
+
+
+FINETUNE_OPTION_CASES = {
+    "lr-nan": ["--lr", "nan"], "lr-negative": ["--lr", "-1"], "warmup-negative": ["--warmup", "-1"],
+    "temperature-zero": ["--temperature", "0"], "time-limit-negative": ["--time-limit", "-1"],
+    "time-limit-zero": ["--time-limit", "0"], "val-examples-negative": ["--val-examples", "-1"],
+    "clip-negative": ["--clip", "-1"], "dropout-above-one": ["--dropout", "2"], "weight-decay-negative": ["--weight-decay", "-1"],
+    "min-lr-ratio-above-one": ["--min-lr-ratio", "2"], "eval-every-zero": ["--eval-every", "0"],
+    "save-every-zero": ["--save-every", "0"], "hidden-weight-nan": ["--hidden-weight", "nan"], "train-unknown": ["--train", "foo"],
+    "batch-size-zero": ["--batch-size", "0"], "steps-negative": ["--steps", "-3"], "tokens-negative": ["--tokens", "-5"],
+}
+
+
+@pytest.mark.hostile("options")
+@pytest.mark.parametrize("case", list(FINETUNE_OPTION_CASES))
+def test_finetune_option_out_of_range(case, work, monkeypatch, capsys):
+    import normswap.loading as loading
+
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded before the options were checked"))
+    out = work["root"] / "ft"
+    args = ["finetune", str(work["student"]), "--data", str(work["data"]), "--out", str(out), "--steps", "2", *FINETUNE_OPTION_CASES[case]]
+    before = _digests(work["student"], work["data"])
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    needle = "count" if case == "tokens-negative" else FINETUNE_OPTION_CASES[case][0].lstrip("-").split("-")[0]
+    refused(code, err, needle, exit_code=2)
+    assert not out.exists() and debris(work["root"]) == [] and _digests(work["student"], work["data"]) == before

@@ -36,12 +36,13 @@ def convert_cmd(
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     """Replace every LayerNorm with RMSNorm or DyT and save a checkpoint that loads back exactly."""
-    from normswap.conversion import convert_model
+    from normswap.conversion import check_options, convert_model
     from normswap.loading import save
     from normswap.log import logger
     from normswap.outputs import check_output
     from normswap.samples import read_text
 
+    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
     inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text}
     check_output(out, overwrite=overwrite, inputs=inputs)  # before any long work
     calib = read_text(calib_text) if calib_text is not None else None

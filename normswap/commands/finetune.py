@@ -65,7 +65,7 @@ def finetune_cmd(
         packing=packing, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip,
         train=train, progressive=progressive, swap_every=swap_every, fade_steps=fade_steps, val_examples=val_examples,
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed,
-        precision=precision, max_seconds=time_limit * 60 if time_limit else None, dropout=None if dropout is not None and dropout < 0 else dropout,
+        precision=precision, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
     result = finetune(student, teacher=teacher, data=data, out=out, config=cfg, overwrite=overwrite, resume=resume)
     from accelerate import PartialState

@@ -1,6 +1,7 @@
 """Settings of a fine-tuning run, and parsing of human counts like "2M" tokens."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -77,8 +78,34 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise NormswapError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise NormswapError("--lr must be > 0")
+        def number(name: str, value: float | None, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> None:
+            if value is None:
+                return
+            ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+            if not ok:
+                bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
+                raise NormswapError(f"--{name} must be a number {bound}" + (f" and <= {hi:g}" if math.isfinite(hi) else "") + f", got {value}")
+
+        number("lr", self.lr, 0, lo_open=True)
+        number("min-lr-ratio", self.min_lr_ratio, 0, 1)
+        number("warmup", self.warmup, 0)
+        number("weight-decay", self.weight_decay, 0)
+        number("clip", self.clip, 0)
+        number("temperature", self.temperature, 0, lo_open=True)
+        number("hidden-weight", self.hidden_weight, 0)
+        number("pooled-weight", self.pooled_weight, 0)
+        number("dropout", self.dropout, 0, 1)
+        number("time-limit", None if self.max_seconds is None else self.max_seconds / 60, 0, lo_open=True)  # minutes
+        for name in ("val_examples", "fade_steps"):
+            if getattr(self, name) < 0:
+                raise NormswapError(f"--{name.replace('_', '-')} must be at least 0")
+        for name in ("eval_every", "save_every", "swap_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise NormswapError(f"--{name.replace('_', '-')} must be at least 1")
+        from normswap.training.params import TRAIN_MODES
+
+        if self.train not in TRAIN_MODES:
+            raise NormswapError(f"unknown --train {self.train!r} (use {', '.join(TRAIN_MODES)})")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise NormswapError(f"unknown --precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
         if self.block_size is not None and self.block_size < 2:
