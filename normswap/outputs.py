@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from normswap.errors import NormswapError
+from normswap.locking import pid_alive
 from normswap.log import logger
 
 Inputs = Mapping[str, "str | os.PathLike | None"]
@@ -112,18 +113,6 @@ def check_writable(out: Path, *, flag: str = "--out") -> None:
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def clean_stale(out: Path) -> None:
     """Remove staging folders beside `out` left by dead processes; put back an old folder whose
     swap was cut short (the process died after moving it aside, before moving the new one in)."""
@@ -134,7 +123,8 @@ def clean_stale(out: Path) -> None:
         return
     for item in items:
         m = _STAGING.match(item.name)
-        if not m or m.group("name") != out.name or _alive(int(m.group("pid"))):
+        pid = int(m.group("pid")) if m else 0
+        if not m or m.group("name") != out.name or pid == os.getpid() or pid_alive(pid):
             continue
         if m.group("kind") == "old" and not out.exists():
             logger.warning("restoring %s from an interrupted replacement (%s)", out, item.name)

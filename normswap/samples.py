@@ -18,43 +18,6 @@ def default_text() -> str:
     return resources.files("normswap").joinpath("data/sample.txt").read_text(encoding="utf-8")
 
 
-def read_text(path: str | Path) -> str:
-    """A text file read as-is (UTF-8, universal newlines), refusing a missing, non-UTF-8 or empty
-    file. The one reader for calibration, verification and evaluation text.
-
-    Every refusal is one line: a directory or a non-regular file (FIFO, device), an unreadable
-    file, bytes that are not UTF-8 or a NUL byte (both naming the line), a file with no text.
-    Lines have no length cap: the whole text is tokenised at once whatever its line breaks (text8
-    is one 100 MB line), and tokenising one long line costs what the same text on many lines does.
-    """
-    import re
-
-    p = Path(path)
-    if p.is_dir():
-        raise NormswapError(f"text file {path} is a directory, not a file")
-    if not p.exists():
-        raise NormswapError(f"text file {path} not found")
-    if not p.is_file():  # reading a FIFO or a device could block or never end
-        raise NormswapError(f"text file {path} is not a regular file")
-    try:
-        raw = p.read_bytes()
-    except OSError as err:
-        raise NormswapError(f"cannot read text file {path}: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = len(re.findall(rb"\r\n|\r|\n", raw[:err.start])) + 1
-        raise NormswapError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
-    nul = text.find("\0")
-    if nul >= 0:
-        line = len(re.findall(r"\r\n|\r|\n", text[:nul])) + 1
-        raise NormswapError(f"{path}:{line}: NUL byte in the text (a binary file?)")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
-    if not text.strip():
-        raise NormswapError(f"text file {path} is empty")
-    return text
-
-
 def max_positions(model: nn.Module) -> int:
     cfg = model.config
     for key in ("n_positions", "max_position_embeddings", "seq_length", "n_ctx"):

@@ -18,8 +18,9 @@ from transformers import BertModel, GPT2LMHeadModel
 
 from cli_util import debris, refused, run_cli, tree_digest
 from normswap.errors import NormswapError
-from normswap.evaluation import glue, perplexity, readers, runner, sts
-from normswap.samples import read_text
+from normswap import textfiles as readers
+from normswap.evaluation import glue, perplexity, runner, sts
+from normswap.textfiles import read_text
 from test_eval_support import tiny_bert_folder, tiny_gpt2_folder, write_glue_dir
 
 STS_HEAD = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"

@@ -40,7 +40,7 @@ def convert_cmd(
     from normswap.loading import save
     from normswap.log import logger
     from normswap.outputs import check_output
-    from normswap.samples import read_text
+    from normswap.textfiles import read_text
 
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
     inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text}

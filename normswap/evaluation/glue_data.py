@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from normswap.errors import NormswapError
-from normswap.evaluation import readers
+from normswap import textfiles as readers
 
 
 @dataclass(frozen=True)

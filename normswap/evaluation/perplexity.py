@@ -33,7 +33,7 @@ from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.evaluation.progress import progress_bar
-from normswap.samples import read_text  # noqa: F401 - the shared text reader, re-exported here
+from normswap.textfiles import read_text  # noqa: F401 - the shared text reader, re-exported here
 
 LOGITS_BUDGET_BYTES = 512 * 2**20  # cap on one batch's float32 logits
 

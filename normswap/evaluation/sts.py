@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.evaluation import readers
+from normswap import textfiles as readers
 from normswap.evaluation.metrics import compute_glue_metrics
 from normswap.evaluation.progress import progress_bar
 

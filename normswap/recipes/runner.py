@@ -239,7 +239,7 @@ def _intact_json(path: Path) -> bool:
 def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
     from normswap.conversion import convert_model
     from normswap.loading import save
-    from normswap.samples import read_text
+    from normswap.textfiles import read_text
 
     c = job.convert
     logger.info("job %s: convert %s -> %s", job.name, job.model, c.to)

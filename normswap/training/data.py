@@ -39,10 +39,9 @@ def read_texts(source: str | os.PathLike) -> list[str]:
 
 
 def _read_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise NormswapError(f"data file {path} is not UTF-8 text") from None
+    from normswap.textfiles import read_text
+
+    return read_text(path, allow_empty=True)  # an empty document in a folder of them is no mistake
 
 
 def _read_dataset(name: str) -> list[str]:

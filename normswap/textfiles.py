@@ -1,4 +1,5 @@
-"""The one TSV reader behind the STS and GLUE files: every problem is one line naming the file and line.
+"""Reading the user's text files (calibration and evaluation text, STS and GLUE TSV files): every
+problem is one line naming the file and the line.
 
 Files in the GLUE layout are tab-separated without quoting (`csv.QUOTE_NONE`), so a row is one
 line split at tabs; reading them that way needs no `csv` module and so never meets its process-wide
@@ -53,6 +54,26 @@ def decode_utf8(raw: bytes, path: str | os.PathLike, *, bom: bool = True) -> str
         before = raw[:err.start].decode("utf-8", errors="replace")
         line = line_of(before, len(before))
         raise NormswapError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+
+
+def read_text(path: str | Path, *, allow_empty: bool = False) -> str:
+    """A text file read as-is (UTF-8, universal newlines), refusing a missing, non-UTF-8 or empty
+    file. The one reader for calibration, verification and evaluation text.
+
+    Every refusal is one line: a directory or a non-regular file (FIFO, device), an unreadable
+    file, bytes that are not UTF-8 or a NUL byte (both naming the line), a file with no text.
+    Lines have no length cap: the whole text is tokenised at once whatever its line breaks (text8
+    is one 100 MB line), and tokenising one long line costs what the same text on many lines does.
+    """
+    p = check_regular_file(path, "text file")
+    text = decode_utf8(read_bytes(p, "text file"), path, bom=False)
+    nul = text.find("\0")
+    if nul >= 0:
+        raise NormswapError(f"{path}:{line_of(text, nul)}: NUL byte in the text (a binary file?)")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
+    if not text.strip() and not allow_empty:
+        raise NormswapError(f"text file {path} is empty")
+    return text
 
 
 def read_tsv(path: str | os.PathLike, what: str) -> list[tuple[int, list[str]]]:
