@@ -483,10 +483,13 @@ def test_nan_glue_metric_is_an_error(env, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.hostile("eval")
-def test_a_nan_that_slips_through_is_refused_by_the_cli(env, monkeypatch, capsys):
-    """Backstop in the command: a NaN anywhere in the results is an error, never printed."""
-    monkeypatch.setattr(runner, "run_eval", lambda req: {"model": req.model, "ppl": {"kind": "causal", "value": float("nan")}})
-    _refused_cli([env["gpt2"], "--ppl", env["text"]], monkeypatch, capsys, "gave NaN for ppl.value", [env["gpt2"], env["text"]])
+def test_a_nan_that_slips_through_is_refused(env, tmp_path, monkeypatch, capsys):
+    """Backstop in run_eval: a NaN anywhere in the results is an error, never printed or written."""
+    monkeypatch.setattr(runner, "run_perplexity", lambda req, tok, text: {"kind": "causal", "value": float("nan")})
+    out = tmp_path / "results"
+    _refused_cli([env["gpt2"], "--ppl", env["text"], "--out", out], monkeypatch, capsys, "gave NaN for ppl.value",
+                 [env["gpt2"], env["text"]], watch=[tmp_path])
+    assert not out.exists()
 
 
 def test_readers_shown_cuts_long_values():

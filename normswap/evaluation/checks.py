@@ -1,6 +1,7 @@
 """Checks on models and tokenizers before any evaluation runs, each failing with a one-line reason."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -61,3 +62,16 @@ def check_same_tokenizer(tok_a: Any, tok_b: Any, name_a: str, name_b: str) -> No
         raise NormswapError(
             f"{name_a} and {name_b} use different tokenizers (vocabularies of {len(va)} and {len(vb)} tokens differ)"
         )
+
+
+def refuse_nan(obj: Any, model: str, where: str = "") -> None:
+    """Backstop: the evaluation code refuses non-finite results where they arise; should a NaN still
+    reach the results, it is an error rather than a reported `nan` (checked before anything is written)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        raise NormswapError(f"the evaluation of {model} gave NaN for {where or 'a result'}; refusing to report it")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            refuse_nan(v, model, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            refuse_nan(v, model, f"{where}[{i}]")

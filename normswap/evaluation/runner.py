@@ -178,6 +178,7 @@ def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text:
     if tasks:
         res["glue"], res["glue_settings"], details["glue_runs"] = run_glue(req, tok, tasks, out)
     res["seconds"] = time.perf_counter() - t0
+    checks.refuse_nan(res, req.model)
     if out is not None:
         payload = {"config": req.to_dict(), **results.provenance(), "results": res, **details}
         res["results_file"] = str(results.write_json(out / "results.json", payload))
