@@ -498,9 +498,13 @@ def test_damaged_train_log_does_not_stop_a_resume(work, monkeypatch, capsys):
     monkeypatch.setattr(loop, "_StopFlag", flag_cls)
     with (out / "train_log.jsonl").open("a") as f:
         f.write('{"kind": "train", "step": 3, "lo')  # a line cut short by a kill
+    half = out / "checkpoints" / ".tmp-step-0000003"  # a checkpoint the kill cut short
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
     code, _, err = run_cli(args + ["--resume"], monkeypatch, capsys)
     assert code == 0, err
     assert "damaged line" in err and "Traceback" not in err
+    assert not half.exists() and debris(out / "checkpoints") == []
     assert json.loads((out / "finetune_result.json").read_text())["status"] == "completed"
 
 

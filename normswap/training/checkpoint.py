@@ -102,7 +102,8 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: Any, s
     final = checkpoint_dir(out, step)
     tmp = final.parent / f".tmp-{final.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in final.parent.glob(".tmp-step-*") if final.parent.is_dir() else []:  # left by a killed run (one run per folder: the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
