@@ -75,13 +75,11 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
-    except OSError as err:  # a full disk or a permission error wherever it happened
-        what = describe_io_error(err)
-        if what is None:
-            raise
-        typer.echo(f"error: {what}", err=True)
-        sys.exit(2)
     except Exception as err:
+        what = describe_io_error(err)  # a full disk or a permission error wherever it happened
+        if what is not None:
+            typer.echo(f"error: {what}", err=True)
+            sys.exit(2)
         # Usage errors (unknown option, missing argument, a value of the wrong type) from click or
         # Typer's bundled copy of it: one line, with where to find the usage.
         if hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):

@@ -204,21 +204,27 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False, inputs: In
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_io_error(err):
-            raise NormswapError(f"writing {out} failed: {str(err).splitlines()[0][:200]}; nothing was written") from None
+            raise NormswapError(f"writing {out} failed: {describe_io_error(err)}; nothing was written") from None
         raise
 
 
 def io_error(err: OSError, out: Path) -> BaseException:
     """One line for a write failure (full disk, permissions); other OS errors stay bugs."""
-    what = describe_io_error(err)
+    what = describe_io_error(err, within=out.parent)
     return NormswapError(f"writing {out} failed: {what}; nothing was written") if what else err
 
 
-def describe_io_error(err: BaseException) -> str | None:
+def describe_io_error(err: BaseException, within: Path | None = None) -> str | None:
     """'No space left on device (path)' for the OS errors that are the machine's state (a full
-    disk, permissions, a read-only file system); None for the others, which are bugs."""
+    disk, permissions, a read-only file system); None for the others, which are bugs. With
+    `within`, the path is named only if it lies there (a failed copy reports its source file)."""
     if isinstance(err, OSError) and (err.errno in _IO_ERRNOS or isinstance(err, PermissionError)):
-        return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+        name = err.filename2 or err.filename
+        if name and within is not None and _real(within) not in _real(name).parents:
+            name = None
+        return f"{err.strerror or err}" + (f" ({name})" if name else "")
+    if _is_io_error(err):
+        return str(err).splitlines()[0][:200]
     return None
 
 

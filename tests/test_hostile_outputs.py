@@ -636,3 +636,23 @@ def test_finetune_option_out_of_range(case, work, monkeypatch, capsys):
     needle = "count" if case == "tokens-negative" else FINETUNE_OPTION_CASES[case][0].lstrip("-").split("-")[0]
     refused(code, err, needle, exit_code=2)
     assert not out.exists() and debris(work["root"]) == [] and _digests(work["student"], work["data"]) == before
+
+
+@pytest.mark.hostile("io")
+@pytest.mark.parametrize("error", ["oserror", "safetensors-error"])
+def test_full_disk_at_a_training_checkpoint(error, work, monkeypatch, capsys):
+    """A fresh run whose first checkpoint hits a full disk: one line, and no folder left behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(model, filename, *a, **k):
+        Path(filename).write_bytes(b"half a checkpoint")
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    out = work["root"] / "ft"
+    code, _, err = run_cli(_finetune(work["student"], work["data"], out), monkeypatch, capsys)
+    refused(code, err, "No space left", exit_code=2)
+    assert not out.exists() and debris(work["root"]) == []
