@@ -10,9 +10,13 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+# Every Auto class whose base class a converted source may have had (a speech encoder-decoder is
+# loaded through AutoModelForSpeechSeq2Seq, a T5-style one through AutoModelForSeq2SeqLM...).
 _AUTO_NAMES = (
     "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
-    "AutoModelForImageClassification", "AutoModelForTokenClassification",
+    "AutoModelForImageClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering",
+    "AutoModelForMultipleChoice", "AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModelForCTC",
+    "AutoModelForAudioClassification", "AutoModelForPreTraining",
 )
 
 
@@ -51,5 +55,7 @@ def register() -> None:
 
     AutoConfig.register("normswap", NormswapConfig, exist_ok=True)
     for name in _AUTO_NAMES:
-        getattr(transformers, name).register(NormswapConfig, _proxy(name), exist_ok=True)
+        auto = getattr(transformers, name, None)
+        if auto is not None:  # not every transformers version has every Auto class
+            auto.register(NormswapConfig, _proxy(name), exist_ok=True)
     _done = True

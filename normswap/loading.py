@@ -314,8 +314,26 @@ def load(
         dtype = getattr(torch, record.dtype)
     if dtype is not None:
         model = model.to(dtype)
+    _apply_generation_config(model, path)
     model.eval()
     return model
+
+
+def _apply_generation_config(model: nn.Module, path: Path) -> None:
+    """The folder's generation_config.json (copied from the source), as from_pretrained applies it:
+    Whisper's no_timestamps_token_id, max_length and alignment_heads live there, not in config.json."""
+    file = path / "generation_config.json"
+    if not file.is_file() or getattr(model, "generation_config", None) is None:
+        return
+    from transformers import GenerationConfig
+
+    from normswap.integrity import read_json_object
+
+    read_json_object(file, "generation config")  # one line for a damaged file
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as err:
+        raise NormswapError(f"invalid generation config {file}: {str(err).strip().splitlines()[0][:200]}") from None
 
 
 _MODIFIED = "the conversion record or the weights were modified after saving (the integrity digest in config.json does not match them)"
