@@ -160,7 +160,8 @@ def convert_model(
     model.eval()
     plan, sites, warnings, centre = plan_conversion(model, to)
     warnings = dtype_warnings + warnings
-    measure = verify or not (to == "rmsnorm" and centre)
+    # exact by construction (centred LayerNorm, or an RMSNorm kept or folded): measured only on --verify
+    measure = verify or not (to == "rmsnorm" and all(rmsnorm_verdict(s, centre, False)[0] for s in sites))
     original = copy.deepcopy(model) if measure else None  # the source's values, exactly
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
@@ -171,6 +172,8 @@ def convert_model(
     with torch.no_grad():
         if centre:
             record.tied_head = _centre_stream(model, plan, tied_head, record)
+        elif keeps_rmsnorm(plan, to):
+            record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
         calib_batches = None
         if to == "dyt" and alpha_init is None:
             calib_batches = token_blocks(model, tokenizer, calib_text, n_tokens=calib_tokens)
@@ -328,8 +331,25 @@ def plan_conversion(model: nn.Module, to: str) -> tuple[ModelPlan, list[Site], l
         warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and nothing is exact")
     if plan.other_norms:
         warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
-    centre = plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+    centre = centres_stream(plan)
     return plan, sites, warnings, centre
+
+
+def centres_stream(plan: ModelPlan) -> bool:
+    """Whether conversion centres the residual writers (Pre-LN LayerNorm families)."""
+    return plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+
+
+def fold_blockers(model: nn.Module, plan: ModelPlan, tied_head: str = "auto") -> dict[str, str | None]:
+    """Per site, why `--to rmsnorm --fold` with this `--tied-head` would keep its affine (None: it
+    folds), without changing the model (for `normswap inspect`)."""
+    tied_mode = None
+    if plan.tied_embedding is not None:
+        if centres_stream(plan) and plan.tied_embedding in plan.embed_writers:
+            tied_mode = "center-embed" if tied_head == "auto" else tied_head
+        elif keeps_rmsnorm(plan, "rmsnorm") and tied_head == "untie":
+            tied_mode = "untie"
+    return {s.path: _fold_blocker(s, plan, model, tied_mode) for s in plan.sites}
 
 
 def _sites_to_convert(model: nn.Module, plan: ModelPlan, to: str) -> list[Site]:
@@ -337,10 +357,52 @@ def _sites_to_convert(model: nn.Module, plan: ModelPlan, to: str) -> list[Site]:
         raise NormswapError(f"{type(model).__name__} has no LayerNorm: nothing to convert")
     if to == "rmsnorm":
         sites = [s for s in plan.sites if s.kind == "layernorm"]
+        if not sites and keeps_rmsnorm(plan, to):
+            # Llama, Gemma...: each norm becomes normswap's RMSNorm (the same function), whose gain
+            # --fold moves into the readers (design notes 2.5)
+            sites = [s for s in plan.sites if s.kind == "rmsnorm"]
         if not sites:
             raise NormswapError(f"{type(model).__name__} already uses RMSNorm: nothing to convert to rmsnorm (try --to dyt)")
         return sites
     return list(plan.sites)
+
+
+def keeps_rmsnorm(plan: ModelPlan, to: str) -> bool:
+    """`--to rmsnorm` on a family table whose norms already are RMSNorm: no centring, the gains fold."""
+    return to == "rmsnorm" and plan.family is not None and plan.family.norm_kind == "rmsnorm"
+
+
+def rmsnorm_verdict(site: Site, centre: bool, folded: bool) -> tuple[bool, str]:
+    """(exact, method) of a site converted to normswap's RMSNorm; shared with the streaming path.
+
+    A LayerNorm is exact where the stream was centred (Pre-LN). An RMSNorm (Llama, Gemma...) keeps
+    its function whatever happens to its gain: kept in the norm ("keep-gain"), or moved into the
+    reader linears ("fold-gain", W <- W diag(g), design notes 2.5)."""
+    if site.kind == "rmsnorm":
+        return True, "fold-gain" if folded else "keep-gain"
+    exact = centre and site.kind == "layernorm"
+    return exact, "exact" if exact else "approximate"
+
+
+def _untie_for_fold(model: nn.Module, plan: ModelPlan, tied_head: str, fold: bool, warnings: list[str]) -> str | None:
+    """RMSNorm families (nothing is centred): a head tied to the token embedding keeps the tie, and
+    the final norm its gain (the shared table cannot absorb it), unless `--tied-head untie` gives
+    the head its own copy (+ vocab x d parameters) for the gain to fold into. Returns the record's
+    tied_head."""
+    if plan.tied_embedding is None:
+        return None
+    if tied_head == "center-embed":
+        warnings.append(f"--tied-head center-embed centres embedding lookups of LayerNorm models; {plan.model_type} needs no "
+                        f"centring: the head stays tied and the final norm keeps its gain (--tied-head untie folds it)")
+    if tied_head != "untie":
+        return None
+    if not fold:
+        warnings.append("--tied-head untie without --fold: nothing would fold into the copy, so the head stays tied")
+        return None
+    head = get_module(model, plan.head)
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return "untie"
 
 
 def _centre_stream(model: nn.Module, plan: ModelPlan, tied_head: str, record: ConversionRecord) -> str | None:
@@ -383,7 +445,7 @@ def _fold_blocker(site: Site, plan: ModelPlan, model: nn.Module, tied_mode: str 
     if tied_mode == "center-embed" and plan.head in site.readers:
         return "the LM head shares its weight with the token embedding (--tied-head untie folds it)"
     if plan.head in site.readers and plan.tied_embedding is not None and tied_mode is None:
-        return "the LM head shares its weight with the token embedding"
+        return "the LM head shares its weight with the token embedding (--tied-head untie folds it)"
     if not all(is_linear(get_module(model, r)) for r in site.readers):
         return "a reader is not a linear layer"
     return None
@@ -406,8 +468,6 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
                 new.weight.data.copy_(g)
             if b is not None:
                 new.bias.data.copy_(b)
-            exact = centre and site.kind == "layernorm"
-            method = "exact" if exact else "approximate"
         else:
             new = DyT(site.dim, recenter=recenter)
             exact = False
@@ -448,6 +508,8 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
                 folded = True
             else:
                 record.unfolded[site.path] = blocker
+        if to == "rmsnorm":
+            exact, method = rmsnorm_verdict(site, centre, folded)
         set_module(model, site.path, new)
         alpha = float(new.alpha) if isinstance(new, DyT) else None
         record.sites.append(SiteRecord(
@@ -459,12 +521,13 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
 
 
 def _affine(module: nn.Module, site: Site) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The norm's (weight, bias) as an explicit scale: Gemma-style norms use (1 + w)."""
+    """The norm's (weight, bias) as an explicit scale: Gemma-style norms (the family table's
+    `gain_offset`) scale by (1 + w)."""
     w = getattr(module, "weight", None)
     b = getattr(module, "bias", None)
     w = None if w is None else w.detach().clone()
-    if w is not None and type(module).__name__.startswith("Gemma"):
-        w = 1.0 + w.float()  # in float32 as Gemma computes it (and as the streaming path does)
+    if w is not None and site.gain_offset:
+        w = site.gain_offset + w.float()  # in float32 as Gemma computes it (and as the streaming path does)
     return w, (None if b is None else b.detach().clone())
 
 

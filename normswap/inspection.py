@@ -17,8 +17,10 @@ class SiteReport:
     placement: str
     kind: str
     readers: list[str]
-    rmsnorm: str  # "exact" | "approximate" | "n/a (already RMSNorm)"
+    rmsnorm: str  # "exact" | "approximate"
     dyt: str  # "calibrated"
+    # with `--to rmsnorm --fold` (default --tied-head): "yes", or "no: <why the affine stays in the norm>"
+    fold: str = ""
 
 
 @dataclass
@@ -44,7 +46,7 @@ class InspectReport:
 
 def _rms_verdict(plan: ModelPlan, site: Site) -> str:
     if site.kind == "rmsnorm":
-        return "n/a (already RMSNorm)"
+        return "exact"  # normswap's RMSNorm with the same eps, its gain kept or folded (design notes 2.5)
     if plan.family is not None and plan.style == "pre":
         return "exact"
     return "approximate"
@@ -61,7 +63,11 @@ def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = Fa
     bad: dict[str, list[str]] = {}
     if check and plan.family is not None:
         bad = check_readers(model, plan, token_blocks(model, None, None, n_tokens=16, block=16, batch_size=1)[0])
-    sites = [SiteReport(s.path, s.placement, s.kind, s.readers, _rms_verdict(plan, s), "calibrated") for s in plan.sites]
+    from normswap.conversion import fold_blockers
+
+    blockers = fold_blockers(model, plan)
+    sites = [SiteReport(s.path, s.placement, s.kind, s.readers, _rms_verdict(plan, s), "calibrated",
+                        "yes" if blockers[s.path] is None else f"no: {blockers[s.path]}") for s in plan.sites]
     return InspectReport(
         model=name, architecture=type(model).__name__, model_type=plan.model_type,
         family=plan.family.model_type if plan.family else None, style=plan.style,

@@ -2,7 +2,8 @@
 instantiating the model, so that peak memory is a small multiple of the largest tensor.
 
 Only conversions that need no calibration stream: `--to rmsnorm` (exact for Pre-LN LayerNorm
-families, with or without folding; approximate elsewhere) and `--to dyt --alpha-init X`.
+families and for RMSNorm families such as Llama and Gemma, with or without folding; approximate
+elsewhere) and `--to dyt --alpha-init X`.
 
 How:
 1. the model is built on the meta device (no memory) from the saved config, and the same plan as
@@ -329,8 +330,8 @@ def stream_convert(
     `normswap.conversion.resolve_dtypes`, which also gives the working dtype the maths rounds to).
     """
     from normswap import __version__
-    from normswap.conversion import (ConversionResult, _centre_stream, _fold_blocker, check_options, dtype_name,
-                                     plan_conversion, resolve_dtypes)
+    from normswap.conversion import (ConversionResult, _centre_stream, _fold_blocker, _untie_for_fold, check_options, dtype_name,
+                                     keeps_rmsnorm, plan_conversion, resolve_dtypes)
     from normswap.loading import _architecture_class, atomic_output, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
     from normswap.outputs import check_output
     from normswap.record import ConversionRecord
@@ -378,6 +379,9 @@ def stream_convert(
                     sp.centre[path] = {"": -1}
                 else:
                     sp.centre[path] = writer_dims(target)
+        elif keeps_rmsnorm(plan, to):
+            # on meta tensors: the head gets its own (meta) weight, read from the shared source tensor
+            record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
         _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp, _fold_blocker)
     for rec in record.sites:  # alpha as the in-memory path saves it: float32, then the working and output dtypes
         if rec.alpha is not None:
@@ -415,6 +419,7 @@ def stream_convert(
 
 def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _Plan, fold_blocker) -> None:
     """The in-memory `_convert_sites` decisions for calibration-free targets, applied to the meta model."""
+    from normswap.conversion import rmsnorm_verdict
     from normswap.modules import DyT, RMSNorm
     from normswap.record import SiteRecord
     from normswap.surgery.paths import get_module, set_module
@@ -425,8 +430,6 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
         has_b = getattr(old, "bias", None) is not None
         recenter = centre and site.placement == "embed"
         if to == "rmsnorm":
-            exact = centre and site.kind == "layernorm"
-            method = "exact" if exact else "approximate"
             w, b = has_g, has_b
         else:
             exact, method = False, "alpha-init"
@@ -447,6 +450,8 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
                 w = b = False
             else:
                 record.unfolded[site.path] = blocker
+        if to == "rmsnorm":
+            exact, method = rmsnorm_verdict(site, centre, folded)
         with torch.device("meta"):
             if to == "rmsnorm":
                 new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=w, bias=b, recenter=recenter)
@@ -486,10 +491,10 @@ class _Computer:
     def affine(self, site: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The norm's (g, b) as an explicit scale (Gemma-style norms store w with scale 1 + w)."""
         if site not in self.affines:
-            _, _, kind, has_g, has_b = self.sp.sites[site]
+            spec, _, _, has_g, has_b = self.sp.sites[site]
             g = self.load(site + ".weight") if has_g else None
-            if g is not None and kind.startswith("Gemma"):
-                g = 1.0 + g.float()  # as `conversion._affine`
+            if g is not None and spec.gain_offset:
+                g = spec.gain_offset + g.float()  # as `conversion._affine`
             b = self.load(site + ".bias") if has_b else None
             self.affines[site] = (g, b)
         return self.affines[site]

@@ -120,11 +120,13 @@ def test_no_layernorm(tmp_path):
     _one_line_error(run("convert", d, "--to", "dyt", "--out", tmp_path / "o"), "no LayerNorm")
 
 
-def test_already_rmsnorm(tmp_path):
+def test_already_rmsnorm_folds_gains(tmp_path):
     d = tmp_path / "llama"
     tiny_model("llama").save_pretrained(d)
-    _one_line_error(run("convert", d, "--to", "rmsnorm", "--out", tmp_path / "o"), "already uses RMSNorm")
-    assert not (tmp_path / "o").exists()
+    proc = run("convert", d, "--to", "rmsnorm", "--out", tmp_path / "o", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["exact"] is True and all(s["folded"] and s["method"] == "fold-gain" for s in res["sites"])
 
 
 def test_output_exists(tmp_path, tiny_gpt2):

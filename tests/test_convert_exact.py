@@ -106,9 +106,14 @@ def test_dyt_replaces_every_site(name):
 
 
 @pytest.mark.parametrize("name", RMS_MODELS)
-def test_rmsnorm_model_refuses_rmsnorm_target(name):
-    with pytest.raises(normswap.NormswapError, match="already uses RMSNorm"):
-        normswap.convert(tiny_model(name), "rmsnorm")
+def test_rmsnorm_model_to_rmsnorm_folds_gains_exactly(name):
+    """Already RMSNorm: normswap's RMSNorm with the gains folded (more in tests/test_rmsnorm_fold.py)."""
+    model = tiny_model(name)
+    x = tiny_inputs(model)
+    ref = _out(model, x)
+    model, result = normswap.convert(model, "rmsnorm")
+    assert result.record.exact and all(s.exact and s.method in ("fold-gain", "keep-gain") for s in result.record.sites)
+    assert _rel(ref, _out(model, x)) < TOL
 
 
 def test_gemma_scale_is_one_plus_w():

@@ -98,7 +98,7 @@ _CHILD = textwrap.dedent("""
 # (tiny model, target, Auto class used by the child, what the reference output is)
 CASES = [("gpt2", "dyt", "AutoModelForCausalLM", "logits"), ("gpt2", "rmsnorm", "AutoModelForCausalLM", "logits"),
          ("bert", "dyt", "AutoModelForMaskedLM", "logits"), ("gpt_neox", "rmsnorm", "AutoModelForCausalLM", "logits"),
-         ("gpt2", "dyt", "AutoModel", "body")]
+         ("gpt2", "dyt", "AutoModel", "body"), ("gemma", "rmsnorm", "AutoModelForCausalLM", "logits")]
 
 
 @pytest.fixture(scope="module")

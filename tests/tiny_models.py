@@ -37,10 +37,11 @@ PRE_LN = ["gpt2", "gpt_neox", "gpt_neox-seq", "gptj", "opt", "opt-proj", "phi", 
 POST_LN = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "opt-post"]
 
 
-def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random model; norm weights and biases are randomised too, so folding is exercised."""
+def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model; norm weights and biases are randomised too, so folding is exercised.
+    `overrides` change config fields (e.g. tie_word_embeddings=True)."""
     model_type, kwargs, auto = TINY[name]
-    kwargs = dict(kwargs)
+    kwargs = dict(kwargs, **overrides)
     if model_type != "vit":
         kwargs.setdefault("vocab_size", VOCAB)
     for key in ("bos_token_id", "eos_token_id"):

@@ -38,6 +38,7 @@ class Site:
     has_weight: bool
     has_bias: bool
     foldable: bool = True
+    gain_offset: float = 0.0  # the norm scales by (gain_offset + weight): Family.gain_offset (Gemma: 1)
 
 
 @dataclass
@@ -167,6 +168,8 @@ def build_plan(model: nn.Module) -> ModelPlan:
         if has_module(model, spec.name):
             sites.append(_site_if_present(model, spec.name, spec.placement, resolve_all(spec.readers, "", None)))
     sites = [s for s in sites if s is not None]
+    for s in sites:
+        s.gain_offset = family.gain_offset
     embed_writers = resolve_all(family.embed_writers, base, None)
     covered = {s.path for s in sites}
     other = [p for p in all_norms if p not in covered]

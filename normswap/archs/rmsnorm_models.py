@@ -1,4 +1,9 @@
-"""Modern decoders that already use RMSNorm: only DyT conversion applies to them."""
+"""Modern decoders that already use RMSNorm (`w * x / rms(x)`, no centring, no bias).
+
+`--to rmsnorm` keeps each norm's function (normswap's RMSNorm, same eps) and with `--fold` moves its
+gain into the readers listed here (design notes 2.5: exact, as FlashNorm and SliceGPT do); `--to dyt`
+calibrates. The readers are every linear that consumes the norm's output (checked by a forward
+hook in tests/test_archs.py): a reader missing from a table would make folding wrong."""
 from __future__ import annotations
 
 from normswap.archs.spec import Family, NormSpec
@@ -18,8 +23,9 @@ LLAMA = Family(
 )
 MISTRAL = LLAMA.but(model_type="mistral")
 QWEN2 = LLAMA.but(model_type="qwen2")
-# Gemma's RMSNorm multiplies by (1 + w): normswap reads each norm's effect from data (calibration),
-# so the offset needs no special case.
-GEMMA = LLAMA.but(model_type="gemma", notes="Norm weight used as (1 + w); embeddings scaled by sqrt(d).")
+# Gemma's RMSNorm multiplies by (1 + w) (in float32): the gain that folds, or that DyT starts from,
+# is 1 + w. Its head is tied to embed_tokens by default, so the final norm's gain folds only with
+# --tied-head untie.
+GEMMA = LLAMA.but(model_type="gemma", gain_offset=1.0, notes="Norm weight used as (1 + w); embeddings scaled by sqrt(d).")
 
 FAMILIES = (LLAMA, MISTRAL, QWEN2, GEMMA)

@@ -50,6 +50,9 @@ class Family:
     model_norms: tuple[NormSpec, ...] = ()  # embed / final norms on the base model
     head_norms: tuple[NormSpec, ...] = ()  # norms inside task heads (relative to the root)
     norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # The norms scale by (gain_offset + weight): 0 for the usual `weight * x_hat`, 1 for Gemma,
+    # which stores w and multiplies by (1 + w). Folding and DyT read the gain through it.
+    gain_offset: float = 0.0
     notes: str = ""
     # Families whose layout depends on config flags (OPT's do_layer_norm_before, Falcon's
     # parallel_attn) give a function that returns the right variant for a config.

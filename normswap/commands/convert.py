@@ -21,7 +21,7 @@ def convert_cmd(
     to: str = typer.Option(..., "--to", help="Target norm: rmsnorm or dyt."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --overwrite)."),
     fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold norm affines into the reading linears where exact."),
-    tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it)."),
+    tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it). RMSNorm models (Llama...): auto keeps the tie and the final norm's gain, untie folds it."),
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text file for DyT calibration (default: built-in sample)."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),

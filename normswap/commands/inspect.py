@@ -33,9 +33,16 @@ def inspect_cmd(
     check = "passed" if not report.reader_check else f"FAILED at {', '.join(report.reader_check)}"
     typer.echo(f"hook check  {check if report.family else 'skipped'}")
     typer.echo("")
-    rows = [[s.path, s.placement, s.kind, ", ".join(r.rsplit('.', 2)[-2] + '.' + r.rsplit('.', 1)[-1] if r.count('.') else r for r in s.readers) or "-", s.rmsnorm, s.dyt]
+    rows = [[s.path, s.placement, s.kind, ", ".join(r.rsplit('.', 2)[-2] + '.' + r.rsplit('.', 1)[-1] if r.count('.') else r for r in s.readers) or "-", s.rmsnorm,
+             s.fold.split(":", 1)[0], s.dyt]
             for s in report.sites]
-    typer.echo(table(rows, ["site", "placement", "now", "readers", "--to rmsnorm", "--to dyt"]))
+    typer.echo(table(rows, ["site", "placement", "now", "readers", "--to rmsnorm", "--fold", "--to dyt"]))
+    kept: dict[str, list[str]] = {}
+    for s in report.sites:
+        if s.fold.startswith("no: "):
+            kept.setdefault(s.fold[4:], []).append(s.path)
+    for why, paths in kept.items():
+        typer.echo(f"\nnot folded  {len(paths)} site(s) keep their affine: {why}")
     if report.other_norms:
         typer.echo(f"\nnorms not in the family table (left alone): {', '.join(report.other_norms)}")
 

@@ -125,12 +125,17 @@ def _body(record: ConversionRecord, cfg: dict[str, Any], repo_id: str, source: s
     name = {"rmsnorm": "RMSNorm", "dyt": "DyT (Dynamic Tanh)"}.get(record.target, record.target)
     n_sites = len(record.sites)
     folded = sum(s.folded for s in record.sites)
-    how = ("**exact**: every residual-stream writer was centred, so each LayerNorm read a zero-mean input and equals "
+    # a model that already used RMSNorm (Llama, Gemma...): its norms kept their function, their gains folded or kept
+    was_rmsnorm = bool(record.sites) and all(s.method in ("fold-gain", "keep-gain") for s in record.sites)
+    replaced = "RMSNorm replaced by normswap's" if was_rmsnorm else "LayerNorm replaced by"
+    how = ("**exact**: the model already used RMSNorm; each norm keeps its eps, and a folded norm's gain g moved "
+           "into the linears that read it (W <- W diag(g))" if record.exact and was_rmsnorm else
+           "**exact**: every residual-stream writer was centred, so each LayerNorm read a zero-mean input and equals "
            "RMSNorm with the same eps" if record.exact else
            "an **approximation**" + (" (DyT: alpha, weight and bias calibrated per site by least squares on text)" if record.target == "dyt" else ""))
     lines = [
         f"# {repo_id.split('/')[-1]}", "",
-        f"`{source or 'a pretrained model'}` ({record.architecture}) with every LayerNorm replaced by **{name}**, "
+        f"`{source or 'a pretrained model'}` ({record.architecture}) with every {replaced} **{name}**, "
         f"made with [normswap](https://pypi.org/project/normswap/) {record.version or __version__}." + (
             f" Base model: [{base}](https://huggingface.co/{base})." if base else ""), "",
         "## How it was converted", "",
