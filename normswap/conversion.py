@@ -373,7 +373,8 @@ def keeps_rmsnorm(plan: ModelPlan, to: str) -> bool:
 
 
 def rmsnorm_verdict(site: Site, centre: bool, folded: bool) -> tuple[bool, str]:
-    """(exact, method) of a site converted to normswap's RMSNorm; shared with the streaming path.
+    """(exact, method) of a site converted to normswap's RMSNorm; shared with the streaming path
+    and `normswap inspect`.
 
     A LayerNorm is exact where the stream was centred (Pre-LN). An RMSNorm (Llama, Gemma...) keeps
     its function whatever happens to its gain: kept in the norm ("keep-gain"), or moved into the

@@ -45,11 +45,10 @@ class InspectReport:
 
 
 def _rms_verdict(plan: ModelPlan, site: Site) -> str:
-    if site.kind == "rmsnorm":
-        return "exact"  # normswap's RMSNorm with the same eps, its gain kept or folded (design notes 2.5)
-    if plan.family is not None and plan.style == "pre":
-        return "exact"
-    return "approximate"
+    """What `convert --to rmsnorm` delivers for the site (the conversion's own verdict)."""
+    from normswap.conversion import centres_stream, rmsnorm_verdict
+
+    return "exact" if rmsnorm_verdict(site, centres_stream(plan), False)[0] else "approximate"
 
 
 def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = False, check: bool = True) -> InspectReport:

@@ -53,7 +53,12 @@ def token_blocks(
     text without a tokenizer, or for an image model (random images stand in), is an error naming
     `what` ("calibration text", "verification text")."""
     cfg = model.config
-    if getattr(cfg, "model_type", "") == "vit" or "pixel_values" in getattr(model, "main_input_name", ""):
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input not in ("input_ids", "pixel_values") or getattr(cfg, "is_encoder_decoder", False):
+        # Speech (input_features), encoder-decoders: text blocks are not inputs these models accept
+        raise NormswapError(f"{type(model).__name__} takes {main_input}{' and decoder inputs' if getattr(cfg, 'is_encoder_decoder', False) else ''}: "
+                            f"normswap cannot build calibration or verification inputs for it yet, so it cannot convert it measurably")
+    if getattr(cfg, "model_type", "") == "vit" or "pixel_values" in main_input:
         if text is not None:
             raise NormswapError(f"{type(model).__name__} takes images, not text: the {what} cannot be used")
         size = getattr(cfg, "image_size", 224)

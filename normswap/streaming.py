@@ -207,10 +207,20 @@ def _itemsize(dtype: torch.dtype) -> int:
 # ------------------------------------------------------------------------------------------ planning
 
 
-def streamable(to: str, alpha_init: float | None) -> str | None:
-    """Why a conversion cannot stream (None if it can)."""
+class NotStreamable(NormswapError):
+    """The conversion would be approximate: streaming cannot run the model to measure it."""
+
+
+def streamable(to: str, alpha_init: float | None, approximate_ok: bool = False) -> str | None:
+    """Why a conversion cannot stream (None if it can).
+
+    The command line streams exact conversions only: the streaming path never has a model to run,
+    so it could not measure an approximate result's deviation, and normswap saves nothing it has
+    not measured. `approximate_ok` is for library callers that measure the output themselves."""
+    if to == "dyt" and not approximate_ok:
+        return "DyT is approximate, and the streaming path cannot run the model to measure its deviation (convert without --low-memory)"
     if to == "dyt" and alpha_init is None:
-        return "DyT calibration runs the model on data (use --alpha-init for a streamable DyT conversion)"
+        return "DyT calibration runs the model on data"
     return None
 
 
@@ -321,8 +331,12 @@ def stream_convert(
     copy_aux: bool = True,
     save_tokenizer: bool = True,
     dtype: str | torch.dtype | None = "auto",
+    approximate_ok: bool = False,
 ) -> Any:
     """Convert the checkpoint folder `source` into `out` without loading it; returns a ConversionResult.
+
+    Only an exact conversion is written unless `approximate_ok` (a caller that measures the result
+    itself); otherwise NotStreamable is raised before anything is written.
 
     Same tensors and conversion record as `normswap.convert(source, to, fold=..., tied_head=...,
     dtype=...)` followed by `normswap.save`, for the conversions that need no calibration (see
@@ -338,9 +352,9 @@ def stream_convert(
 
     t0 = time.perf_counter()
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init)
-    why = streamable(to, alpha_init)
+    why = streamable(to, alpha_init, approximate_ok)
     if why:
-        raise NormswapError(f"cannot convert with low memory: {why}")
+        raise NotStreamable(f"cannot convert with low memory: {why}")
     src = check_source(str(source))
     if src is None:
         raise NormswapError(f"low-memory conversion needs a local model folder, not a Hub id ({source})")
@@ -387,6 +401,10 @@ def stream_convert(
         if rec.alpha is not None:
             rec.alpha = float(torch.tensor(rec.alpha, dtype=torch.float32).to(work_dtype).to(out_dtype))
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
+    if not record.exact and not approximate_ok:
+        inexact = [s.path for s in record.sites if not s.exact]
+        raise NotStreamable(f"converting {source} to {to} is approximate ({len(inexact)} site(s), e.g. {inexact[0] if inexact else 'none'}), "
+                            "and the streaming path cannot run the model to measure it: convert without --low-memory")
     if record.tied_head == "untie":
         model.config.tie_word_embeddings = False
 

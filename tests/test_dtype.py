@@ -159,7 +159,7 @@ def test_streamed_equals_in_memory_bf16(tmp_path, name, to):
     kw = {"alpha_init": 0.7} if to == "dyt" else {}
     model, result = normswap.convert(str(src), to, fold=True, **kw)
     normswap.save(model, tmp_path / "mem", result.record)
-    stream_convert(src, tmp_path / "low", to, fold=True, copy_aux=False, save_tokenizer=False, **kw)
+    stream_convert(src, tmp_path / "low", to, fold=True, copy_aux=False, save_tokenizer=False, approximate_ok=not result.record.exact, **kw)
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "low")
     assert sorted(a) == sorted(b)
     for k in a:
@@ -174,7 +174,7 @@ def test_dyt_alpha_init_streams_in_bf16(sources, tmp_path):
     src = sources["bfloat16"]
     model, result = normswap.convert(str(src), "dyt", fold=True, alpha_init=0.3)
     normswap.save(model, tmp_path / "mem", result.record)
-    low = stream_convert(src, tmp_path / "low", "dyt", fold=True, alpha_init=0.3)
+    low = stream_convert(src, tmp_path / "low", "dyt", fold=True, alpha_init=0.3, approximate_ok=True)
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "low")
     assert sorted(a) == sorted(b) and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
     alphas = [s.alpha for s in result.record.sites]

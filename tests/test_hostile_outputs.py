@@ -656,3 +656,55 @@ def test_full_disk_at_a_training_checkpoint(error, work, monkeypatch, capsys):
     code, _, err = run_cli(_finetune(work["student"], work["data"], out), monkeypatch, capsys)
     refused(code, err, "No space left", exit_code=2)
     assert not out.exists() and debris(work["root"]) == []
+
+
+# --------------------------------------------------- nothing saved unmeasured (issue 12, item 4)
+
+
+@pytest.fixture
+def tiny_whisper(tmp_path):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1)
+    path = tmp_path / "whisper"
+    WhisperForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.hostile("degradation")
+@pytest.mark.parametrize("extra,needle", [
+    (["--to", "rmsnorm"], "cannot build calibration or verification inputs"),
+    (["--to", "rmsnorm", "--low-memory"], "approximate"),
+    (["--to", "dyt"], "cannot build calibration or verification inputs"),
+    (["--to", "dyt", "--alpha-init", "0.5", "--low-memory"], "approximate"),
+])
+def test_a_model_normswap_cannot_measure_is_refused(extra, needle, tiny_whisper, tmp_path, monkeypatch, capsys):
+    """--low-memory used to save an unmeasured Whisper whose every transcript was '.', exit 0."""
+    before = tree_digest(tiny_whisper)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["convert", str(tiny_whisper), "--out", str(out), *extra], monkeypatch, capsys)
+    refused(code, err, needle, exit_code=2)
+    assert not out.exists() and debris(tmp_path) == [] and tree_digest(tiny_whisper) == before
+
+
+def test_automatic_streaming_of_an_approximate_conversion_falls_back_to_memory(work, monkeypatch, capsys):
+    """Chosen automatically (a large checkpoint), streaming gives way to the in-memory path, which measures."""
+    from normswap import streaming
+
+    from tiny_models import tiny_model
+
+    src = work["root"] / "bert"
+    tiny_model("bert").save_pretrained(src)  # Post-LN: --to rmsnorm is approximate
+    calls = []
+    real = streaming.stream_convert
+    monkeypatch.setattr(streaming, "stream_convert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1)  # every checkpoint is "large"
+    out = work["root"] / "out"
+    code, stdout, err = run_cli(["convert", str(src), "--to", "rmsnorm", "--out", str(out), "--format", "json"], monkeypatch, capsys)
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert calls == [1]  # streaming was tried first, and refused before writing anything
+    assert data["low_memory"] is False and data["exact"] is False and data["max_rel_diff"] is not None  # measured in memory

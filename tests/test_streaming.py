@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import normswap
 from normswap.errors import NormswapError
 from normswap.loading import is_converted, save
-from normswap.streaming import SafetensorsReader, checkpoint_files, stream_convert
+from normswap.streaming import NotStreamable, SafetensorsReader, checkpoint_files, stream_convert
 from tiny_models import tiny_inputs, tiny_model
 
 FAMILIES = ["gpt2", "gpt_neox", "gptj", "opt-proj", "phi", "bloom", "falcon-new", "vit", "bert"]
@@ -61,9 +61,14 @@ def _out(model, x):
 def test_streamed_equals_in_memory(tmp_path, name, fold):
     src = _source(tmp_path, name)
     _in_memory(src, tmp_path / "mem", "rmsnorm", fold=fold)
-    result = stream_convert(src, tmp_path / "stream", "rmsnorm", fold=fold, copy_aux=False, save_tokenizer=False)
+    exact = name not in ("bert",)
+    if not exact:  # approximate (Post-LN): never written unmeasured, unless the caller measures it
+        with pytest.raises(NotStreamable, match="approximate"):
+            stream_convert(src, tmp_path / "refused", "rmsnorm", fold=fold, copy_aux=False, save_tokenizer=False)
+        assert not (tmp_path / "refused").exists()
+    result = stream_convert(src, tmp_path / "stream", "rmsnorm", fold=fold, copy_aux=False, save_tokenizer=False, approximate_ok=not exact)
     _assert_same(tmp_path / "mem", tmp_path / "stream")
-    assert result.record.exact == (name not in ("bert",))
+    assert result.record.exact == exact
 
 
 @pytest.mark.parametrize("tied_head", ["center-embed", "untie"])
@@ -85,7 +90,9 @@ def test_tied_heads_and_sharded_input(tmp_path, name, tied_head):
 def test_dyt_alpha_init_streams(tmp_path, name):
     src = _source(tmp_path, name)
     _in_memory(src, tmp_path / "mem", "dyt", fold=True, alpha_init=0.7)
-    stream_convert(src, tmp_path / "stream", "dyt", fold=True, alpha_init=0.7)
+    with pytest.raises(NotStreamable, match="approximate"):  # unmeasured: refused by default
+        stream_convert(src, tmp_path / "refused", "dyt", fold=True, alpha_init=0.7)
+    stream_convert(src, tmp_path / "stream", "dyt", fold=True, alpha_init=0.7, approximate_ok=True)
     _assert_same(tmp_path / "mem", tmp_path / "stream")
 
 
@@ -103,7 +110,9 @@ def test_streamed_model_matches_original(tmp_path):
 def test_refuses_what_cannot_stream(tmp_path):
     src = _source(tmp_path, "gpt2")
     with pytest.raises(NormswapError, match="calibration"):
-        stream_convert(src, tmp_path / "o", "dyt")
+        stream_convert(src, tmp_path / "o", "dyt", approximate_ok=True)
+    with pytest.raises(NormswapError, match="approximate"):
+        stream_convert(src, tmp_path / "o", "dyt", alpha_init=0.5)
     (tmp_path / "exists").mkdir()
     with pytest.raises(NormswapError, match="exists"):
         stream_convert(src, tmp_path / "exists", "rmsnorm")
@@ -136,7 +145,7 @@ def test_cli_low_memory(tmp_path):
     _assert_same(tmp_path / "mem", tmp_path / "low")
     r = subprocess.run([*cli, "--to", "dyt", "--out", str(tmp_path / "dyt"), "--low-memory"], capture_output=True, text=True, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1 and "calibration" in errors[0]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1 and "approximate" in errors[0]
 
 
 def test_automatic_switch(tmp_path, monkeypatch):

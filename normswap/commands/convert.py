@@ -29,7 +29,7 @@ def convert_cmd(
     verify: bool = typer.Option(False, "--verify", help="Compare original and converted on sample text; fail if an exact conversion is not."),
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify (default: built-in sample)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (rmsnorm, or dyt with --alpha-init; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (exact conversions only: --to rmsnorm on LayerNorm Pre-LN and RMSNorm families; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
     dtype: str = typer.Option("auto", "--dtype", help="Floating dtype of the saved weights: auto (the source checkpoint's own), float32, bfloat16 or float16."),
@@ -49,11 +49,18 @@ def convert_cmd(
     vtext = read_text(verify_text) if verify_text is not None else None
     stream = _use_streaming(model, to, alpha_init, low_memory, verify, revision, trust_remote_code)
     logger.info("converting %s -> %s%s", model, to, " (streaming, low memory)" if stream else "")
+    result = None
     if stream:
-        from normswap.streaming import stream_convert
+        from normswap.streaming import NotStreamable, stream_convert
 
-        result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite, dtype=dtype)
-    else:
+        try:
+            result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite, dtype=dtype)
+        except NotStreamable:
+            if low_memory:  # asked for: say why not
+                raise
+            logger.info("the conversion is approximate, so it must be measured: converting in memory instead")
+            stream = False
+    if result is None:
         converted, result = convert_model(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,

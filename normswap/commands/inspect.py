@@ -26,7 +26,7 @@ def inspect_cmd(
     style = {"pre": "Pre-LN", "post": "Post-LN", "unknown": "unknown (no family table)"}[report.style]
     typer.echo(f"model       {report.model}")
     typer.echo(f"class       {report.architecture} ({report.parameters:,} parameters)")
-    typer.echo(f"family      {report.family or report.model_type + ' (unknown: generic LayerNorm swap)'}")
+    typer.echo(f"family      {report.family or report.model_type + ' (no family table: generic swap, nothing folded)'}")
     typer.echo(f"placement   {style}")
     typer.echo(f"tied head   {'yes, shares ' + report.tied_head if report.tied_head else 'no'}")
     typer.echo(f"writers     {len(report.embed_writers)} embeddings + {len(report.writers)} sublayer outputs")
@@ -59,4 +59,5 @@ def archs_cmd(fmt: OutputFormat = FORMAT_OPTION) -> None:
     rows = [[f["model_type"], {"pre": "Pre-LN", "post": "Post-LN"}[f["style"]] + (" (flag-dependent)" if f["flag_dependent"] else ""),
              f["norm_kind"], ", ".join(f["norms"])] for f in items]
     typer.echo(table(rows, ["model_type", "placement", "norms", "norm sites"]))
-    typer.echo("\nOther architectures: every nn.LayerNorm is swapped, without folding or exactness claims.")
+    typer.echo("\nOther architectures: every nn.LayerNorm is swapped, without folding or exactness claims; the result is"
+               " measured (models whose inputs normswap cannot build, such as speech, are refused).")
