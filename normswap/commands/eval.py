@@ -1,12 +1,14 @@
-"""`normswap eval`: a converted model against its baseline on perplexity, zero-shot STS and GLUE.
+"""`normswap eval`: a converted model against its baseline on perplexity, zero-shot STS, GLUE and speech recognition.
 
     normswap eval gpt2-rms --baseline gpt2 --ppl wiki.test.raw --max-length 1024 --stride 512 --out results/
     normswap eval bert-dyt --baseline bert-base-uncased --glue sst2,cola,rte,stsb --glue-data glue/ --seeds 3 --out results/
     normswap eval minilm-dyt --baseline all-MiniLM-L6-v2 --sts glue/STS-B/dev.tsv
+    normswap eval whisper-rms --baseline whisper-tiny.en --asr librispeech-subset --out results/
 
 Results go to stdout (a table, or one JSON object with --format json); logs and progress to stderr.
 With --out: results.json (config, versions, git hash, date, per-seed numbers), per-example
-predictions under predictions/, and deltas.png.
+predictions under predictions/ (asr.tsv: every utterance's reference, hypotheses, normalised forms
+and errors), and deltas.png.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, tab
 
 def register(app: typer.Typer) -> None:
     """Add the `eval` command to the CLI."""
-    app.command("eval", help="Evaluate a model against its baseline: perplexity, zero-shot STS, GLUE fine-tuning.")(eval_cmd)
+    app.command("eval", help="Evaluate a model against its baseline: perplexity, zero-shot STS, GLUE fine-tuning, speech recognition (WER).")(eval_cmd)
 
 
 def eval_cmd(
@@ -43,6 +45,10 @@ def eval_cmd(
     lr: float = typer.Option(5e-5, "--lr", help="GLUE: peak learning rate (AdamW, linear warm-up and decay)."),
     batch_size: int = typer.Option(32, "--batch-size", help="GLUE: training batch size."),
     max_seq_length: int = typer.Option(128, "--max-seq-length", help="GLUE: truncate inputs to this many tokens."),
+    asr_dir: Optional[str] = typer.Option(None, "--asr", help="Speech encoder-decoders (Whisper): a folder of audio files (flac, wav...) with "
+                                          "transcripts.tsv (id<TAB>text) and optionally manifest.tsv (id, subset): greedy WER."),
+    asr_subsets: Optional[str] = typer.Option(None, "--asr-subsets", help="ASR: only these comma-separated manifest subsets (e.g. test-clean,dev-clean)."),
+    asr_batch_size: int = typer.Option(16, "--asr-batch-size", help="ASR: utterances transcribed per batch."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png (must not exist unless --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder (once the new results are complete)."),
     fmt: OutputFormat = FORMAT_OPTION,
@@ -54,6 +60,7 @@ def eval_cmd(
         model=model, baseline=baseline, ppl=ppl, max_length=max_length, stride=stride, max_tokens=max_tokens,
         pseudo_ppl=pseudo_ppl, mlm_probability=mlm_probability, mask_seed=mask_seed, sts=sts_file,
         glue=glue_tasks, glue_data=glue_dir, dev_samples=dev_samples, out=out, overwrite=overwrite,
+        asr=asr_dir, asr_subsets=asr_subsets.split(",") if asr_subsets is not None else None, asr_batch_size=asr_batch_size,
         glue_settings=GlueSettings(train_samples=train_samples, epochs=epochs, lr=lr, batch_size=batch_size,
                                    max_seq_length=max_seq_length, seeds=seeds),
     )
@@ -86,6 +93,17 @@ def render(res: dict[str, Any]) -> str:
         if s.get("fidelity") is not None:
             rows.append(["sts", "fidelity", "mean cosine", "", _v(s["fidelity"]), ""])
         notes.append(f"sts: {s['pairs']} pairs, {s['pooling']} pooling, cosine similarity")
+    a = res.get("asr")
+    if a:
+        parts = [("all", a)] + list((a.get("subsets") or {}).items())
+        for name, r in parts:
+            rows.append(["asr", name, "WER", _v(r.get("baseline")), _v(r["wer"]), _d(r.get("delta"))])
+        how = "; ".join(f"{name} {r['utterances']} utt / {r['words']} words, S/D/I {r['substitutions']}/{r['deletions']}/{r['insertions']}"
+                        + (f", delta 95% CI [{r['delta_ci95'][0]:+.4f}, {r['delta_ci95'][1]:+.4f}]" if r.get("delta_ci95") else "")
+                        for name, r in parts)
+        notes.append(f"asr: {a['decoding']}, Whisper English normaliser, corpus WER; {how}"
+                     + (f"; paired bootstrap over utterances, {a['bootstrap']['resamples']} resamples, seed {a['bootstrap']['seed']}"
+                        if a.get("bootstrap") else ""))
     g = res.get("glue")
     if g:
         for task, metrics in g.items():

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from normswap.errors import NormswapError
 
-_LIBRARIES = ("normswap", "torch", "transformers", "evaluate", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn")
+_LIBRARIES = ("normswap", "torch", "transformers", "evaluate", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn",
+              "jiwer", "soundfile")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -114,6 +115,10 @@ def delta_rows(results: dict[str, Any]) -> list[tuple[str, float, float | None]]
             if r.get("delta") is not None:
                 spread = math.hypot(r.get("std") or 0.0, r.get("baseline_std") or 0.0) if "std" in r else None
                 rows.append((f"{task} {metric}", r["delta"], spread))
+    asr = results.get("asr")
+    if asr and asr.get("delta") is not None:
+        ci = asr.get("delta_ci95")  # the bar's error is half the paired-bootstrap interval's width
+        rows.append(("ASR WER (points)", 100.0 * asr["delta"], 50.0 * (ci[1] - ci[0]) if ci else None))
     # an overflowed (inf) perplexity has no finite bar: the chart leaves it out rather than plot NaN
     return [r for r in rows if math.isfinite(r[1]) and (r[2] is None or math.isfinite(r[2]))]
 
@@ -135,6 +140,9 @@ def delta_chart(path: str | os.PathLike, results: dict[str, Any], title: str) ->
     colors = ["tab:green" if d >= 0 else "tab:red" for d in deltas]
     if "ppl" in labels[0]:  # lower perplexity is better
         colors[0] = "tab:green" if deltas[0] <= 0 else "tab:red"
+    for i, label in enumerate(labels):
+        if "WER" in label:  # lower is better too
+            colors[i] = "tab:green" if deltas[i] <= 0 else "tab:red"
     ax.barh(range(len(rows)), deltas, xerr=errs, color=colors, capsize=3)
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()

@@ -1,4 +1,4 @@
-"""One evaluation run: converted model against its baseline on perplexity, STS and GLUE.
+"""One evaluation run: converted model against its baseline on perplexity, STS, GLUE and speech recognition.
 
 Everything that can be checked cheaply (task names, data files, text, tokenizers, heads, window
 length) is checked before any long work starts, so a mistake costs seconds, not a fine-tuning run.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.evaluation import checks, glue, glue_data, perplexity, results, sts
+from normswap.evaluation import asr as asr_eval, checks, glue, glue_data, perplexity, results, sts
 from normswap.evaluation.glue import GlueSettings
 from normswap.log import logger
 from normswap.outputs import atomic_output, check_output
@@ -42,6 +42,11 @@ class EvalRequest:
     glue_data: str | None = None
     glue_settings: GlueSettings = field(default_factory=GlueSettings)
     dev_samples: int | None = None  # score a fixed subset of dev (budget runs); None: all of dev
+    asr: str | None = None  # folder of audio files with transcripts.tsv (and manifest.tsv): WER
+    asr_subsets: list[str] | None = None  # only these manifest subsets (e.g. test-clean); None: every utterance
+    asr_batch_size: int = 16
+    asr_resamples: int = 1000  # paired bootstrap of the WER difference (asr.BOOTSTRAP_RESAMPLES)
+    asr_seed: int = 0  # its seed (asr.BOOTSTRAP_SEED)
     out: str | None = None
     overwrite: bool = False  # replace an existing `out` (once the new results are complete)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
@@ -60,8 +65,8 @@ def _models(req: EvalRequest) -> list[tuple[str, str]]:
 
 
 def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
-    if not (req.ppl or req.sts or req.glue):
-        raise NormswapError("nothing to evaluate: give --ppl FILE, --sts FILE and/or --glue TASKS")
+    if not (req.ppl or req.sts or req.glue or req.asr):
+        raise NormswapError("nothing to evaluate: give --ppl FILE, --sts FILE, --glue TASKS and/or --asr DIR")
     if req.out:
         check_output(req.out, overwrite=req.overwrite, inputs=_inputs(req))
     tasks: list[glue_data.GlueTask] = []
@@ -103,6 +108,12 @@ def _check_options(req: EvalRequest) -> None:
     at_least(req.dev_samples, 1, "--dev-samples")
     at_least(req.ppl_batch_size, 1, "the perplexity batch size")
     at_least(req.sts_batch_size, 1, "the STS batch size")
+    at_least(req.asr_batch_size, 1, "--asr-batch-size")
+    at_least(req.asr_resamples, 1, "the number of bootstrap resamples")
+    if req.asr_subsets is not None and not req.asr:
+        raise NormswapError("--asr-subsets needs --asr DIR")
+    if req.asr_subsets is not None and not [s for s in req.asr_subsets if s.strip()]:
+        raise NormswapError("--asr-subsets is empty: give subset names from the folder's manifest.tsv, e.g. test-clean,dev-clean")
     if req.max_length is not None and req.stride is not None and req.stride > req.max_length:
         raise NormswapError(f"--stride {req.stride} is longer than --max-length {req.max_length}: tokens between windows would go unscored")
     if not (isinstance(req.mlm_probability, (int, float)) and 0 < req.mlm_probability < 1):
@@ -148,15 +159,16 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     """Run every requested evaluation; returns the results dict (and writes files under `req.out`)."""
     t0 = time.perf_counter()
     tok, tasks = _validate(req)
+    speech = _validate_asr(req) if req.asr else None
     text = perplexity.load_text(req.ppl) if req.ppl else None
     pairs = sts.read_sts(req.sts) if req.sts else None
     if not req.out:
-        return _evaluate(req, tok, tasks, text, pairs, None, t0)
+        return _evaluate(req, tok, tasks, text, pairs, None, t0, speech)
     # Results are written into a staging folder that replaces --out only when complete.
     final = Path(req.out)
     with atomic_output(final, overwrite=req.overwrite, inputs=_inputs(req)) as out:
         (out / "predictions").mkdir()
-        res = _evaluate(req, tok, tasks, text, pairs, out, t0)
+        res = _evaluate(req, tok, tasks, text, pairs, out, t0, speech)
     for key in ("results_file", "chart"):
         if key in res:
             res[key] = str(final / Path(res[key]).relative_to(out))
@@ -164,17 +176,20 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
 
 
 def _inputs(req: EvalRequest) -> dict[str, str | None]:
-    return {"model": req.model, "baseline": req.baseline, "--ppl text": req.ppl, "--sts file": req.sts, "--glue-data folder": req.glue_data}
+    return {"model": req.model, "baseline": req.baseline, "--ppl text": req.ppl, "--sts file": req.sts, "--glue-data folder": req.glue_data,
+            "--asr folder": req.asr}
 
 
 def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text: str | None, pairs: list[sts.StsPair] | None,
-              out: Path | None, t0: float) -> dict[str, Any]:
+              out: Path | None, t0: float, speech: AsrInputs | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"model": req.model, "baseline": req.baseline}
     details: dict[str, Any] = {}
     if text is not None:
         res["ppl"] = run_perplexity(req, tok, text)
     if pairs is not None:
         res["sts"] = run_sts(req, tok, pairs, out)
+    if speech is not None:
+        res["asr"] = run_asr(req, speech, out)
     if tasks:
         res["glue"], res["glue_settings"], details["glue_runs"] = run_glue(req, tok, tasks, out)
     res["seconds"] = time.perf_counter() - t0
@@ -332,3 +347,63 @@ def _write_glue_predictions(out: Path, task: glue_data.GlueTask, seed: int, dev_
             preds = [task.labels[int(p)] for p in preds]
         rows.append([ex.row, label, *preds])
     results.write_tsv(out / "predictions" / f"{task.name}_seed{seed}.tsv", header, rows)
+
+
+# ------------------------------------------------------------------------------------ speech recognition
+
+
+@dataclass
+class AsrInputs:
+    """What `--asr` needs, read and checked before any model is loaded."""
+
+    data: Any  # normswap.audio.AudioSet
+    processors: dict[str, Any]  # role -> the checkpoint's own processor
+    normalizer: Any
+
+
+def _validate_asr(req: EvalRequest) -> AsrInputs:
+    """The folder (audio headers, transcripts, manifest), both models' configs (speech
+    encoder-decoders), their processors and the normaliser; then every audio file decoded once."""
+    from normswap import audio
+
+    subsets = [s.strip() for s in req.asr_subsets if s.strip()] if req.asr_subsets else None
+    data = audio.read_audio_folder(req.asr, subsets=subsets)
+    processors = {}
+    for role, path in _models(req):
+        asr_eval.speech_architecture(path)
+        processors[role] = asr_eval.load_processor(path)
+    rates = {role: int(p.feature_extractor.sampling_rate) for role, p in processors.items()}
+    if len(set(rates.values())) > 1:
+        raise NormswapError(f"{req.model} reads audio at {rates['converted']} Hz but {req.baseline} at {rates['baseline']} Hz")
+    for role, path in _models(req):
+        audio.check_lengths(data, asr_eval.max_seconds(processors[role]), path)
+    normalizer = asr_eval.load_normalizer(req.model)
+    audio.check_decodable(data, rates["converted"])
+    logger.info("asr: %d utterances (%.1f min of audio) from %s%s", len(data.utterances), data.seconds / 60, req.asr,
+                f", subsets {', '.join(data.subsets)}" if data.subsets else "")
+    return AsrInputs(data, processors, normalizer)
+
+
+def run_asr(req: EvalRequest, speech: AsrInputs, out: Path | None) -> dict[str, Any]:
+    """Greedy transcription by both models of the same utterances, WER and the paired interval."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+
+    from normswap.loading import load_pretrained
+
+    hyps: dict[str, list[str]] = {}
+    for role, path in _models(req):
+        model = load_pretrained(path)
+        if type(model).__name__ not in set(MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values()) or not hasattr(model, "generate"):
+            raise NormswapError(f"--asr needs a speech-recognition encoder-decoder; {path} loads as {type(model).__name__}")
+        model = model.to(_device())
+        logger.info("asr: transcribing %d utterances with %s (greedy, no timestamps, batch %d)", len(speech.data.utterances), path,
+                    req.asr_batch_size)
+        hyps[role] = asr_eval.transcribe(model, speech.processors[role], speech.data.utterances, batch_size=req.asr_batch_size,
+                                    progress=req.progress, name=path)
+        del model
+    row, per_utt = asr_eval.evaluate(hyps, speech.data, speech.normalizer, resamples=req.asr_resamples, seed=req.asr_seed)
+    row["data"] = str(req.asr)
+    if out is not None:
+        header, rows = asr_eval.predictions_table(per_utt, list(hyps))
+        results.write_tsv(out / "predictions" / "asr.tsv", header, rows)
+    return row

@@ -127,10 +127,10 @@ def check_inputs(recipe: Recipe, lines: dict[tuple, int] | None = None) -> None:
             if job.finetune.teacher not in (None, "original"):
                 checks.append((("finetune", "teacher"), job.finetune.teacher, "dir"))
         if job.eval:
-            for part in ("ppl", "sts", "glue"):
+            for part in ("ppl", "sts", "glue", "asr"):
                 sec = getattr(job.eval, part)
                 if sec is not None:
-                    checks.append((("eval", part, "data"), sec.data, "dir" if part == "glue" else "file"))
+                    checks.append((("eval", part, "data"), sec.data, "dir" if part in ("glue", "asr") else "file"))
         for key, value, kind in checks:
             if value is None or not _local(value):
                 continue

@@ -24,6 +24,14 @@ def metrics_of(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if s:
         out["sts_spearman"] = {"label": "STS-B spearman", "value": s["spearman"], "better": "higher", "group": "sts",
                                "note": f"zero-shot, {s['pairs']} pairs, {s['pooling']} pooling"}
+    a = res.get("asr")
+    if a:
+        out["asr_wer"] = {"label": "ASR WER", "value": a["wer"], "better": "lower", "group": "asr",
+                          "note": f"greedy, Whisper English normaliser, {a['utterances']} utterances, {a['words']} words"}
+        for name, r in (a.get("subsets") or {}).items():
+            if len(a["subsets"]) > 1:
+                out[f"asr_wer_{name}"] = {"label": f"ASR WER {name}", "value": r["wer"], "better": "lower", "group": "asr",
+                                          "note": f"{r['utterances']} utterances, {r['words']} words"}
     g = res.get("glue")
     if g:
         st = res.get("glue_settings") or {}

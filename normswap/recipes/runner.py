@@ -336,4 +336,6 @@ def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) 
         req.glue_settings = GlueSettings(train_samples=g.train_samples, epochs=g.epochs, lr=g.lr, batch_size=g.batch_size,
                                          max_seq_length=g.max_seq_length, seeds=g.seeds, warmup_ratio=g.warmup_ratio,
                                          weight_decay=g.weight_decay, data_seed=g.data_seed)
+    if e.asr:
+        req.asr, req.asr_subsets, req.asr_batch_size = e.asr.data, e.asr.subsets, e.asr.batch_size
     return req

@@ -128,6 +128,19 @@ class StsEval(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class AsrEval(_Strict):
+    """Speech recognition (Whisper): greedy WER on a folder of audio files with transcripts.tsv."""
+
+    data: str
+    subsets: Optional[list[str]] = Field(None, min_length=1)
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("subsets", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+
 class GlueEval(_Strict):
     """GLUE fine-tuning of a classification head per task and seed (same settings for every model)."""
 
@@ -167,12 +180,13 @@ class EvalStage(_Strict):
     ppl: Optional[PplEval] = None
     sts: Optional[StsEval] = None
     glue: Optional[GlueEval] = None
+    asr: Optional[AsrEval] = None
     models: list[Literal["original", "converted", "recovered"]] = Field(default_factory=lambda: list(ROLES))
 
     @model_validator(mode="after")
     def _something(self) -> "EvalStage":
-        if not (self.ppl or self.sts or self.glue):
-            raise ValueError("eval needs at least one of ppl, sts, glue")
+        if not (self.ppl or self.sts or self.glue or self.asr):
+            raise ValueError("eval needs at least one of ppl, sts, glue, asr")
         return self
 
 
@@ -210,7 +224,7 @@ class Job(_Strict):
     def _sections(self) -> "Job":
         for s in self.stages:
             if getattr(self, s) is None:
-                need = {"convert": "`to`", "finetune": "`data` and a budget", "eval": "ppl, sts or glue"}[s]
+                need = {"convert": "`to`", "finetune": "`data` and a budget", "eval": "ppl, sts, glue or asr"}[s]
                 raise ValueError(f"stage {s} is listed but the recipe has no {s} section (it needs {need})")
         if "recovered" in (self.eval.models if self.eval else []) and "finetune" not in self.stages:
             self.eval.models = [m for m in self.eval.models if m != "recovered"]
@@ -430,7 +444,8 @@ def line_of(lines: dict[tuple, int], prefixes: list[tuple], loc: tuple) -> int |
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 PATH_KEYS = {("model",), ("convert", "calib_text"), ("convert", "verify_text"), ("finetune", "data"),
-             ("finetune", "teacher"), ("eval", "ppl", "data"), ("eval", "sts", "data"), ("eval", "glue", "data")}
+             ("finetune", "teacher"), ("eval", "ppl", "data"), ("eval", "sts", "data"), ("eval", "glue", "data"),
+             ("eval", "asr", "data")}
 
 
 def expand(value: str, recipe_dir: Path) -> str:
