@@ -48,6 +48,26 @@ class FinetuneResult(LoopResult):
         return asdict(self)
 
 
+def _one_run_per_folder(fn: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
+    """Hold the lock of `out` while the run lasts (see `normswap.locking.folder_lock`); under
+    `accelerate launch` only the main process locks (the others are part of the same run)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(student: str | os.PathLike, *, out: str | os.PathLike, **kwargs: Any) -> FinetuneResult:
+        from contextlib import nullcontext
+
+        from accelerate import PartialState
+
+        from normswap.locking import folder_lock
+
+        with folder_lock(Path(out), "finetune") if PartialState().is_main_process else nullcontext():
+            return fn(student, out=out, **kwargs)
+
+    return run
+
+
+@_one_run_per_folder
 def finetune(
     student: str | os.PathLike,
     *,
@@ -71,31 +91,6 @@ def finetune(
     saving a checkpoint. Raises NormswapError on bad input and TrainingDiverged on NaN/inf loss.
     One run per `out`: while it runs, another one refuses (see `normswap.locking.folder_lock`).
     """
-    from contextlib import nullcontext
-
-    from accelerate import PartialState
-
-    from normswap.locking import folder_lock
-
-    # under `accelerate launch` only the main process locks (the others are part of the same run)
-    with folder_lock(Path(out), "finetune") if PartialState().is_main_process else nullcontext():
-        return _finetune(student, data=data, out=out, teacher=teacher, config=config, overwrite=overwrite,
-                         resume=resume, on_step=on_step, **overrides)
-
-
-def _finetune(
-    student: str | os.PathLike,
-    *,
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    teacher: str | os.PathLike | None = None,
-    config: TrainConfig | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
-    **overrides: Any,
-) -> FinetuneResult:
-    """`finetune` without the lock (see there)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
