@@ -25,9 +25,9 @@ from normswap.archs.plan import ModelPlan, Site, build_plan, is_linear
 from normswap.calibration import dyt_error, fit_dyt
 from normswap.errors import NormswapError
 from normswap.log import logger
-from normswap.modules import DyT, RMSNorm
+from normswap.modules import DyT, RMSNorm, center_input
 from normswap.record import ConversionRecord, SiteRecord
-from normswap.samples import token_blocks
+from normswap.samples import is_speech, model_inputs
 from normswap.surgery.centre import centre_output, writer_target
 from normswap.surgery.fold import fold_into_reader
 from normswap.surgery.paths import get_module, set_module
@@ -78,6 +78,7 @@ class ConversionResult:
             "unfolded": self.record.unfolded,
             "new_biases": self.record.new_biases,
             "centered_embeddings": self.record.centered_embeddings,
+            "centered_inputs": self.record.centered_inputs,
             "max_abs_diff": v.get("max_abs_diff"),
             "max_rel_diff": v.get("max_rel_diff"),
             "verification": self.verification,
@@ -119,6 +120,10 @@ def convert_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: str | torch.dtype | None = "auto",
+    drop_mean: bool = False,
+    calib_audio: str | Path | None = None,
+    verify_audio: str | Path | None = None,
+    processor: Any = None,
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
@@ -134,6 +139,16 @@ def convert_model(
 
     Calibration or verification text needs a tokenizer: text with none is an error. Without text
     and without a tokenizer (tiny test models), seeded random token ids stand in, with a warning.
+
+    In an architecture without a family table nothing centres the stream, so `--to rmsnorm` keeps
+    LayerNorm's function (an RMSNorm of the mean-subtracted input, exact); `drop_mean` swaps in
+    plain RMSNorm instead, which is approximate and measured.
+
+    Speech models (Whisper) take audio instead of text: `calib_audio` / `verify_audio` are folders
+    of audio files (`normswap.audio`), turned into features by the checkpoint's processor, with
+    decoder inputs teacher-forced from their transcripts (`normswap.samples.speech_batches`). DyT
+    calibration of a speech model with a processor needs `calib_audio`; verification without
+    audio runs on seeded random features, with a warning.
     """
     from normswap import __version__
     from normswap.loading import check_source, load_config, load_pretrained, load_tokenizer
@@ -152,16 +167,18 @@ def convert_model(
             tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
         _check_texts(source, tokenizer, calib_text, verify_text)  # before the weights are loaded
         model = load_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, dtype=work_dtype)
+        if processor is None and is_speech(model):
+            processor = _speech_processor(source)
     else:
         out_dtype, work_dtype, dtype_warnings = resolve_dtypes(dtype, model=model)
         _check_texts(type(model).__name__, tokenizer, calib_text, verify_text)
     # one working dtype for every stored tensor (from_pretrained keeps some modules in float32)
     cast_floats(model, work_dtype)
     model.eval()
-    plan, sites, warnings, centre = plan_conversion(model, to)
+    plan, sites, warnings, centre = plan_conversion(model, to, drop_mean)
     warnings = dtype_warnings + warnings
     # exact by construction (centred LayerNorm, or an RMSNorm kept or folded): measured only on --verify
-    measure = verify or not (to == "rmsnorm" and all(rmsnorm_verdict(s, centre, False)[0] for s in sites))
+    measure = verify or not (to == "rmsnorm" and all(rmsnorm_verdict(s, centre, False, keeps_mean(plan, s, drop_mean))[0] for s in sites))
     original = copy.deepcopy(model) if measure else None  # the source's values, exactly
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
@@ -176,17 +193,20 @@ def convert_model(
             record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
         calib_batches = None
         if to == "dyt" and alpha_init is None:
-            calib_batches = token_blocks(model, tokenizer, calib_text, n_tokens=calib_tokens)
-            if _random_ids(tokenizer, calib_batches):
-                warnings.append("calibration used random token ids: the model has no tokenizer (give its folder tokenizer "
-                                "files for a fit on real text)")
+            if is_speech(model) and processor is not None and calib_audio is None:
+                raise NormswapError(f"DyT calibration of {type(model).__name__} needs speech to fit on: give --calib-audio DIR "
+                                    "(audio files, with a transcripts.tsv for teacher-forced decoder inputs)")
+            # the centred model computes the original's function: it decodes folders without transcripts
+            calib_batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=calib_text, audio=calib_audio,
+                                         n_tokens=calib_tokens, what="calibration", teacher=model)
+            warnings += _stand_in_warnings(model, tokenizer, calib_batches, calib_audio, "calibration")
         result = ConversionResult(record, 0.0, warnings, tokenizer=tokenizer, source=source)
         from normswap.verification import float32_compute
 
         # Calibration runs the model: half precision on CPU runs it upcast to float32 (exactly; the
         # sites' new parameters are then rounded once, to the output dtype, below).
         with float32_compute(model, enabled=calib_batches is not None):
-            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result)
+            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean)
     cast_floats(model, out_dtype)
     model.config.dtype = out_dtype
     for s in record.sites:  # the values as saved
@@ -198,9 +218,12 @@ def convert_model(
     if measure:
         from normswap.verification import compare
 
-        batches = token_blocks(model, tokenizer, verify_text, n_tokens=1024, block=256, batch_size=2, seed=1, what="verification text")
-        if _random_ids(tokenizer, batches):
-            warnings.append("verification used random token ids: the model has no tokenizer (the deviation is not measured on real text)")
+        audio = verify_audio if verify_audio is not None else calib_audio
+        batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=1024, block=256,
+                               batch_size=2, seed=1, what="verification", teacher=original)
+        warnings += _stand_in_warnings(model, tokenizer, batches, audio, "verification")
+        if verify_audio is None and calib_audio is not None:
+            warnings.append("verification ran on the calibration audio (another seeded draw of it): give --verify-audio for held-out speech")
         result.verification = compare(original, model, batches)
         result.verification["exact_tolerance"] = EXACT_TOLERANCE[dtype_name(out_dtype)]
         del original
@@ -317,18 +340,42 @@ def _check_texts(where: str, tokenizer: Any, calib_text: str | None, verify_text
                             f"tokenise the {what}; add the tokenizer files to the model folder")
 
 
-def _random_ids(tokenizer: Any, batches: list[dict[str, torch.Tensor]]) -> bool:
-    return tokenizer is None and bool(batches) and "input_ids" in batches[0]
+def _stand_in_warnings(model: nn.Module, tokenizer: Any, batches: list[dict[str, torch.Tensor]], audio: Any, what: str) -> list[str]:
+    """What the user must know when seeded random inputs stood in for real data."""
+    if is_speech(model) and audio is None:
+        option = "--calib-audio" if what == "calibration" else "--verify-audio"
+        return [f"{what} used random features and decoder ids (no {option} given): the deviation is measured on noise, not speech"]
+    if tokenizer is None and bool(batches) and "input_ids" in batches[0]:
+        if what == "calibration":
+            return ["calibration used random token ids: the model has no tokenizer (give its folder tokenizer files for a fit on real text)"]
+        return ["verification used random token ids: the model has no tokenizer (the deviation is not measured on real text)"]
+    return []
 
 
-def plan_conversion(model: nn.Module, to: str) -> tuple[ModelPlan, list[Site], list[str], bool]:
+def _speech_processor(source: str) -> Any:
+    """The checkpoint's speech processor, or None where its folder has none (tiny test models)."""
+    from normswap.evaluation.asr import load_processor
+
+    try:
+        return load_processor(source)
+    except NormswapError:
+        return None
+
+
+def plan_conversion(model: nn.Module, to: str, drop_mean: bool = False) -> tuple[ModelPlan, list[Site], list[str], bool]:
     """The sites to convert, warnings for the user, and whether the stream gets centred (exact
     Pre-LN treatment); shared by the in-memory and streaming paths."""
     plan = build_plan(model)
     sites = _sites_to_convert(model, plan, to)
     warnings: list[str] = []
     if plan.family is None:
-        warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and nothing is exact")
+        if to == "rmsnorm" and not drop_mean:
+            warnings.append(f"unknown architecture {plan.model_type!r}: normswap cannot centre its stream, so each LayerNorm becomes "
+                            f"an RMSNorm of the mean-subtracted input (LayerNorm's own function: exact, but no cheaper) and nothing "
+                            f"is folded; --drop-mean swaps in plain RMSNorm instead (approximate, measured)")
+        else:
+            warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and "
+                            f"nothing is exact (the deviation is measured)")
     if plan.other_norms:
         warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
     centre = centres_stream(plan)
@@ -372,15 +419,24 @@ def keeps_rmsnorm(plan: ModelPlan, to: str) -> bool:
     return to == "rmsnorm" and plan.family is not None and plan.family.norm_kind == "rmsnorm"
 
 
-def rmsnorm_verdict(site: Site, centre: bool, folded: bool) -> tuple[bool, str]:
+def keeps_mean(plan: ModelPlan, site: Site, drop_mean: bool) -> bool:
+    """Whether the site's RMSNorm subtracts its input's mean (LayerNorm semantics): a LayerNorm of
+    an architecture without a table, whose stream normswap cannot centre, unless `drop_mean`."""
+    return plan.family is None and site.kind == "layernorm" and not drop_mean
+
+
+def rmsnorm_verdict(site: Site, centre: bool, folded: bool, center_input: bool = False) -> tuple[bool, str]:
     """(exact, method) of a site converted to normswap's RMSNorm; shared with the streaming path
     and `normswap inspect`.
 
     A LayerNorm is exact where the stream was centred (Pre-LN). An RMSNorm (Llama, Gemma...) keeps
     its function whatever happens to its gain: kept in the norm ("keep-gain"), or moved into the
-    reader linears ("fold-gain", W <- W diag(g), design notes 2.5)."""
+    reader linears ("fold-gain", W <- W diag(g), design notes 2.5). An RMSNorm that subtracts its
+    input's mean (`center_input`, see `keeps_mean`) is LayerNorm itself ("layernorm-semantics")."""
     if site.kind == "rmsnorm":
         return True, "fold-gain" if folded else "keep-gain"
+    if center_input:
+        return True, "layernorm-semantics"
     exact = centre and site.kind == "layernorm"
     return exact, "exact" if exact else "approximate"
 
@@ -426,6 +482,9 @@ def _centre_stream(model: nn.Module, plan: ModelPlan, tied_head: str, record: Co
         if mode == "center-embed" and path == plan.tied_embedding:
             continue
         centre_output(writer_target(model, path))
+    for path in plan.centred_inputs:  # a stream start no weight change can centre (Whisper's encoder)
+        center_input(get_module(model, path))
+        record.centered_inputs.append(path)
     return mode
 
 
@@ -452,7 +511,7 @@ def _fold_blocker(site: Site, plan: ModelPlan, model: nn.Module, tied_mode: str 
     return None
 
 
-def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result) -> None:
+def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean=False) -> None:
     targets_y = inputs_x = None
     if calib_batches is not None:
         # Targets: the original norms' outputs (centring is exact, so the centred model gives them).
@@ -463,8 +522,10 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
         old = get_module(model, site.path)
         g, b = _affine(old, site)
         recenter = centre and site.placement == "embed"
+        center = to == "rmsnorm" and keeps_mean(plan, site, drop_mean)
         if to == "rmsnorm":
-            new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=g is not None, bias=b is not None, recenter=recenter)
+            new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=g is not None, bias=b is not None,
+                                     recenter=recenter, center=center)
             if g is not None:
                 new.weight.data.copy_(g)
             if b is not None:
@@ -510,12 +571,12 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             else:
                 record.unfolded[site.path] = blocker
         if to == "rmsnorm":
-            exact, method = rmsnorm_verdict(site, centre, folded)
+            exact, method = rmsnorm_verdict(site, centre, folded, center)
         set_module(model, site.path, new)
         alpha = float(new.alpha) if isinstance(new, DyT) else None
         record.sites.append(SiteRecord(
             path=site.path, placement=site.placement, type=to, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
-            weight=new.weight is not None, bias=new.bias is not None, recenter=recenter, folded=folded, exact=exact,
+            weight=new.weight is not None, bias=new.bias is not None, recenter=recenter, center=center, folded=folded, exact=exact,
             method=method, alpha=alpha,
         ))
         logger.debug("%s -> %s (%s%s)", site.path, to, method, ", folded" if folded else "")

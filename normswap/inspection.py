@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from normswap.archs.plan import ModelPlan, Site, build_plan, check_readers
-from normswap.samples import token_blocks
+from normswap.samples import model_inputs
 
 
 @dataclass
@@ -46,9 +46,10 @@ class InspectReport:
 
 def _rms_verdict(plan: ModelPlan, site: Site) -> str:
     """What `convert --to rmsnorm` delivers for the site (the conversion's own verdict)."""
-    from normswap.conversion import centres_stream, rmsnorm_verdict
+    from normswap.conversion import centres_stream, keeps_mean, rmsnorm_verdict
 
-    return "exact" if rmsnorm_verdict(site, centres_stream(plan), False)[0] else "approximate"
+    exact, method = rmsnorm_verdict(site, centres_stream(plan), False, keeps_mean(plan, site, False))
+    return ("exact (LayerNorm semantics)" if method == "layernorm-semantics" else "exact") if exact else "approximate"
 
 
 def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = False, check: bool = True) -> InspectReport:
@@ -61,7 +62,7 @@ def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = Fa
     plan = build_plan(model)
     bad: dict[str, list[str]] = {}
     if check and plan.family is not None:
-        bad = check_readers(model, plan, token_blocks(model, None, None, n_tokens=16, block=16, batch_size=1)[0])
+        bad = check_readers(model, plan, model_inputs(model, n_tokens=16, block=16, batch_size=1, what="probe", n_utterances=1)[0])
     from normswap.conversion import fold_blockers
 
     blockers = fold_blockers(model, plan)

@@ -47,17 +47,24 @@ class RMSNorm(_AffineNorm):
 
     On a zero-mean input this equals LayerNorm with the same eps, which is what makes the Pre-LN
     conversion exact. The statistic is taken in float32 whatever the input dtype, as LayerNorm does.
+
+    `center` subtracts the input's mean first, which is LayerNorm's own function: the honest
+    replacement in an architecture normswap has no table for, whose stream it cannot centre.
     """
 
-    def __init__(self, dim: int, eps: float, weight: bool = True, bias: bool = False, recenter: bool = False):
+    def __init__(self, dim: int, eps: float, weight: bool = True, bias: bool = False, recenter: bool = False,
+                 center: bool = False):
         super().__init__(dim, weight, bias, recenter)
         self.eps = float(eps)
+        self.center = center
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
         return self._affine(rms_normalize(x, self.eps))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}"
+        return f"{super().extra_repr()}, eps={self.eps}" + (", center=True" if self.center else "")
 
 
 class DyT(_AffineNorm):
@@ -92,10 +99,42 @@ class CenteredEmbedding(nn.Embedding):
         return e - e.mean(-1, keepdim=True)
 
 
+class _CenteredInput:
+    """Mixin: the block's input (its first argument, `hidden_states`) is mean-subtracted over the
+    hidden dimension before the block runs. Used where a stream starts at a sum that no weight
+    change can centre (Whisper's encoder: gelu(conv2(x)) + positions): the one subtraction at the
+    first block gives every later norm a zero-mean input. The block's parameters and checkpoint
+    keys are unchanged."""
+
+    def forward(self, *args, **kwargs):
+        if args:
+            x = args[0]
+            args = (x - x.mean(-1, keepdim=True), *args[1:])
+        else:
+            x = kwargs["hidden_states"]
+            kwargs["hidden_states"] = x - x.mean(-1, keepdim=True)
+        return super().forward(*args, **kwargs)
+
+
+_CENTERED_CLASSES: dict[type, type] = {}
+
+
+def center_input(module: nn.Module) -> None:
+    """Make `module` centre its input from now on (see `_CenteredInput`), by a class swap as
+    CenteredEmbedding does: the module keeps its identity, parameters and hooks."""
+    cls = type(module)
+    if issubclass(cls, _CenteredInput):
+        return
+    if cls not in _CENTERED_CLASSES:
+        _CENTERED_CLASSES[cls] = type(f"CenteredInput{cls.__name__}", (_CenteredInput, cls), {"__module__": __name__})
+    module.__class__ = _CENTERED_CLASSES[cls]
+
+
 def new_norm(spec: dict) -> nn.Module:
     """Build an empty replacement norm from its saved description (see `normswap.record`)."""
     if spec["type"] == "rmsnorm":
-        return RMSNorm(spec["dim"], spec["eps"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
+        return RMSNorm(spec["dim"], spec["eps"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False),
+                       center=spec.get("center", False))
     if spec["type"] == "dyt":
         return DyT(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
     if spec["type"] == "identity":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.modules import CenteredEmbedding, new_norm
+from normswap.modules import CenteredEmbedding, center_input, new_norm
 from normswap.surgery.paths import get_module, set_module
 
 
@@ -41,6 +41,7 @@ class SiteRecord:
     weight: bool
     bias: bool
     recenter: bool = False
+    center: bool = False  # RMSNorm of the mean-subtracted input (LayerNorm semantics, unknown architectures)
     folded: bool = False
     exact: bool = False
     method: str = ""  # how it was obtained: "exact", "approximate", "calibrated", "alpha-init", ...
@@ -63,6 +64,8 @@ class ConversionRecord:
     sites: list[SiteRecord] = field(default_factory=list)
     new_biases: list[str] = field(default_factory=list)
     centered_embeddings: list[str] = field(default_factory=list)
+    # blocks whose input is mean-subtracted on the fly (normswap.modules.center_input)
+    centered_inputs: list[str] = field(default_factory=list)
     unfolded: dict[str, str] = field(default_factory=dict)  # site path -> why it kept its affine
     version: str = ""
     dtype: str | None = None  # floating dtype of the saved weights ("float32", "bfloat16", "float16")
@@ -151,7 +154,8 @@ class _RecordValidator:
         return SiteRecord(
             path=self.path(d["path"], f"{label}.path"), placement=self.str_(d["placement"], f"{label}.placement", PLACEMENTS),
             type=kind, dim=dim, eps=eps, weight=self.bool_(d["weight"], f"{label}.weight"), bias=self.bool_(d["bias"], f"{label}.bias"),
-            recenter=self.bool_(d.get("recenter", False), f"{label}.recenter"), folded=self.bool_(d.get("folded", False), f"{label}.folded"),
+            recenter=self.bool_(d.get("recenter", False), f"{label}.recenter"),
+            center=self.bool_(d.get("center", False), f"{label}.center"), folded=self.bool_(d.get("folded", False), f"{label}.folded"),
             exact=self.bool_(d.get("exact", False), f"{label}.exact"), method=self.str_(d.get("method", ""), f"{label}.method", limit=1000),
             note=self.str_(d.get("note", ""), f"{label}.note"), alpha=self.number(d.get("alpha"), f"{label}.alpha"),
         )
@@ -195,6 +199,7 @@ class _RecordValidator:
             tied_head=self.str_(d.get("tied_head"), "tied_head", TIED_HEADS, optional=True), sites=sites,
             new_biases=self.paths(d.get("new_biases", []), "new_biases"),
             centered_embeddings=self.paths(d.get("centered_embeddings", []), "centered_embeddings"),
+            centered_inputs=self.paths(d.get("centered_inputs", []), "centered_inputs"),
             unfolded=dict(unfolded), version=self.str_(d.get("version", ""), "version", limit=200), digest=digest,
             dtype=self.str_(d.get("dtype"), "dtype", ("float32", "bfloat16", "float16"), optional=True),
         )
@@ -271,7 +276,7 @@ def check_structure(model: nn.Module, record: ConversionRecord, where: str | os.
             raise fail(f"{key} {path!r} names no module of {arch}")
         return mod
 
-    map_path = _path_mapper(model, [s.path for s in record.sites] + record.new_biases + record.centered_embeddings)
+    map_path = _path_mapper(model, _recorded_paths(record))
     targets: dict[str, str] = {}
     for key, paths in (("centered_embeddings", record.centered_embeddings), ("new_biases", record.new_biases),
                        ("site", [s.path for s in record.sites])):
@@ -285,6 +290,10 @@ def check_structure(model: nn.Module, record: ConversionRecord, where: str | os.
         mapped = map_path(p)
         if mapped is not None and not isinstance(module(mapped, "centered_embeddings"), nn.Embedding):
             raise fail(f"centered_embeddings {p!r} is a {type(module(mapped, '')).__name__}, not an embedding")
+    for p in record.centered_inputs:
+        mapped = map_path(p)
+        if mapped is not None and (is_norm(module(mapped, "centered_inputs")) or is_linear(module(mapped, ""))):
+            raise fail(f"centered_inputs {p!r} is a {type(module(mapped, '')).__name__}, not a transformer block")
     for p in record.new_biases:
         mapped = map_path(p)
         if mapped is None:
@@ -309,15 +318,21 @@ def check_structure(model: nn.Module, record: ConversionRecord, where: str | os.
             raise fail(f"site {site.path!r} has dim {site.dim}, but the {type(mod).__name__} it replaces has {dim}")
 
 
+def _recorded_paths(record: ConversionRecord) -> list[str]:
+    return [s.path for s in record.sites] + record.new_biases + record.centered_embeddings + record.centered_inputs
+
+
 def apply_structure(model: nn.Module, record: ConversionRecord, where: str | os.PathLike | None = None) -> None:
     """Turn a freshly built base model into the converted architecture (values are loaded later).
 
     The record is checked against the model first (`check_structure`): nothing is changed unless
     every recorded path names the right kind of module."""
     check_structure(model, record, where)
-    map_path = _path_mapper(model, [s.path for s in record.sites] + record.new_biases + record.centered_embeddings)
+    map_path = _path_mapper(model, _recorded_paths(record))
     for path in filter(None, map(map_path, record.centered_embeddings)):
         get_module(model, path).__class__ = CenteredEmbedding
+    for path in filter(None, map(map_path, record.centered_inputs)):
+        center_input(get_module(model, path))
     for path in filter(None, map(map_path, record.new_biases)):
         add_bias(get_module(model, path))
     for site in record.sites:

@@ -332,6 +332,7 @@ def stream_convert(
     save_tokenizer: bool = True,
     dtype: str | torch.dtype | None = "auto",
     approximate_ok: bool = False,
+    drop_mean: bool = False,
 ) -> Any:
     """Convert the checkpoint folder `source` into `out` without loading it; returns a ConversionResult.
 
@@ -371,7 +372,7 @@ def stream_convert(
     source_key = _match_source_keys(model, reader)
 
     # -- the decisions, by the in-memory code on the meta model ------------------------------------
-    plan, sites, warnings, centre = plan_conversion(model, to)
+    plan, sites, warnings, centre = plan_conversion(model, to, drop_mean)
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
         family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
@@ -396,7 +397,7 @@ def stream_convert(
         elif keeps_rmsnorm(plan, to):
             # on meta tensors: the head gets its own (meta) weight, read from the shared source tensor
             record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
-        _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp, _fold_blocker)
+        _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp, _fold_blocker, drop_mean)
     for rec in record.sites:  # alpha as the in-memory path saves it: float32, then the working and output dtypes
         if rec.alpha is not None:
             rec.alpha = float(torch.tensor(rec.alpha, dtype=torch.float32).to(work_dtype).to(out_dtype))
@@ -435,9 +436,9 @@ def stream_convert(
     return result
 
 
-def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _Plan, fold_blocker) -> None:
+def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _Plan, fold_blocker, drop_mean=False) -> None:
     """The in-memory `_convert_sites` decisions for calibration-free targets, applied to the meta model."""
-    from normswap.conversion import rmsnorm_verdict
+    from normswap.conversion import keeps_mean, rmsnorm_verdict
     from normswap.modules import DyT, RMSNorm
     from normswap.record import SiteRecord
     from normswap.surgery.paths import get_module, set_module
@@ -447,6 +448,7 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
         has_g = getattr(old, "weight", None) is not None
         has_b = getattr(old, "bias", None) is not None
         recenter = centre and site.placement == "embed"
+        center = to == "rmsnorm" and keeps_mean(plan, site, drop_mean)
         if to == "rmsnorm":
             w, b = has_g, has_b
         else:
@@ -469,17 +471,18 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
             else:
                 record.unfolded[site.path] = blocker
         if to == "rmsnorm":
-            exact, method = rmsnorm_verdict(site, centre, folded)
+            exact, method = rmsnorm_verdict(site, centre, folded, center)
         with torch.device("meta"):
             if to == "rmsnorm":
-                new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=w, bias=b, recenter=recenter)
+                new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=w, bias=b, recenter=recenter,
+                                         center=center)
             else:
                 new = DyT(site.dim, alpha=alpha_init, weight=w, bias=b, recenter=recenter)
         set_module(model, site.path, new)
         alpha = float(torch.tensor(float(alpha_init), dtype=torch.float32)) if to == "dyt" else None
         rec = SiteRecord(
             path=site.path, placement=site.placement, type=to, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
-            weight=w, bias=b, recenter=recenter, folded=folded, exact=exact, method=method, alpha=alpha,
+            weight=w, bias=b, recenter=recenter, center=center, folded=folded, exact=exact, method=method, alpha=alpha,
         )
         record.sites.append(rec)
         sp.sites[site.path] = (site, rec, type(old).__name__, has_g, has_b)

@@ -153,10 +153,18 @@ def test_unknown_architecture_warns(tmp_path):
 
     d = tmp_path / "neo"
     GPTNeoForCausalLM(GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]], vocab_size=100, max_position_embeddings=64)).save_pretrained(d)
-    proc = run("convert", d, "--to", "rmsnorm", "--out", tmp_path / "o", "--format", "json")
+    # by default LayerNorm's function is kept (RMSNorm of the mean-subtracted input): exact, and --verify agrees
+    proc = run("convert", d, "--to", "rmsnorm", "--verify", "--out", tmp_path / "o", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    assert res["exact"] is False and any("unknown architecture" in w for w in res["warnings"])
+    assert res["exact"] is True and any("unknown architecture" in w for w in res["warnings"])
+    assert {s["method"] for s in res["sites"]} == {"layernorm-semantics"} and res["max_rel_diff"] < 1e-5
+    # --drop-mean asks for plain RMSNorm: approximate, and measured without --verify
+    proc = run("convert", d, "--to", "rmsnorm", "--drop-mean", "--out", tmp_path / "o2", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["exact"] is False and {s["method"] for s in res["sites"]} == {"approximate"}
+    assert res["max_rel_diff"] > 1e-3
 
 
 def test_unknown_option_is_a_usage_error_not_a_traceback():

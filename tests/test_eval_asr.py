@@ -460,6 +460,7 @@ def test_eval_asr_end_to_end_with_baseline(env, tmp_path, monkeypatch, capsys, o
             tw = [w for w, r in zip(words, rows) if r["subset"] == "test-clean"]
             assert res["subsets"]["test-clean"]["wer"] == pytest.approx(sum(tc) / sum(tw))
     assert res["delta"] == pytest.approx(res["wer"] - res["baseline"])
+    assert res["identical_transcripts"] == sum(r["hypothesis"] == r["baseline_hypothesis"] for r in rows)
     lo, hi = bootstrap_loop(conv_errs, errs, words, 1000, 0)
     assert res["delta_ci95"] == pytest.approx([lo, hi], abs=1e-12)
     assert res["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95}

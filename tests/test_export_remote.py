@@ -164,3 +164,29 @@ def test_export_leaves_training_artefacts_out(tmp_path):
         (folder / f).write_text("{}")
     files = export_for_hub(folder, tmp_path / "export")
     assert not any(f.startswith("checkpoints") or f in ("train_log.jsonl", "finetune_config.json", "loss_curve.png") for f in files)
+
+
+def test_template_mean_keeping_rmsnorm_and_centred_block_input_match():
+    """The two structural changes of issue 12: RMSNorm(center=True) is LayerNorm itself, and a
+    block whose input is centred; the Hub template must compute both exactly as normswap does."""
+    from normswap.modules import center_input
+
+    t = _template()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16) * 2 + 0.7
+    ours, theirs = RMSNorm(16, 1e-5, weight=True, bias=True, center=True), t.RMSNorm(16, 1e-5, weight=True, bias=True, center=True)
+    ln = torch.nn.LayerNorm(16, eps=1e-5)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), ln.parameters()):
+            p.copy_(torch.randn_like(p))
+            q.copy_(p)
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        torch.testing.assert_close(ours(x), ln(x), rtol=1e-5, atol=1e-6)
+    a, b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    b.load_state_dict(a.state_dict())
+    center_input(a)
+    t.center_input(b)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and torch.equal(a(x), torch.nn.functional.linear(x - x.mean(-1, keepdim=True), b.weight, b.bias))

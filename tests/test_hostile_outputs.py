@@ -674,20 +674,46 @@ def tiny_whisper(tmp_path):
     return path
 
 
+@pytest.fixture
+def tiny_bart(tmp_path):
+    """An encoder-decoder normswap has no table for and cannot build inputs for."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
+    path = tmp_path / "bart"
+    BartForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
 @pytest.mark.hostile("degradation")
-@pytest.mark.parametrize("extra,needle", [
-    (["--to", "rmsnorm"], "cannot build calibration or verification inputs"),
-    (["--to", "rmsnorm", "--low-memory"], "approximate"),
-    (["--to", "dyt"], "cannot build calibration or verification inputs"),
-    (["--to", "dyt", "--alpha-init", "0.5", "--low-memory"], "approximate"),
+@pytest.mark.parametrize("model,extra,needle", [
+    ("whisper", ["--to", "dyt", "--alpha-init", "0.5", "--low-memory"], "approximate"),
+    ("bart", ["--to", "dyt"], "cannot build calibration or verification inputs"),
+    ("bart", ["--to", "rmsnorm", "--drop-mean"], "cannot build calibration or verification inputs"),
+    ("bart", ["--to", "rmsnorm", "--drop-mean", "--low-memory"], "approximate"),
 ])
-def test_a_model_normswap_cannot_measure_is_refused(extra, needle, tiny_whisper, tmp_path, monkeypatch, capsys):
+def test_a_model_normswap_cannot_measure_is_refused(model, extra, needle, tiny_whisper, tiny_bart, tmp_path, monkeypatch, capsys):
     """--low-memory used to save an unmeasured Whisper whose every transcript was '.', exit 0."""
-    before = tree_digest(tiny_whisper)
+    src = {"whisper": tiny_whisper, "bart": tiny_bart}[model]
+    before = tree_digest(src)
     out = tmp_path / "out"
-    code, _, err = run_cli(["convert", str(tiny_whisper), "--out", str(out), *extra], monkeypatch, capsys)
+    code, _, err = run_cli(["convert", str(src), "--out", str(out), *extra], monkeypatch, capsys)
     refused(code, err, needle, exit_code=2)
-    assert not out.exists() and debris(tmp_path) == [] and tree_digest(tiny_whisper) == before
+    assert not out.exists() and debris(tmp_path) == [] and tree_digest(src) == before
+
+
+@pytest.mark.parametrize("extra", [["--to", "rmsnorm"], ["--to", "rmsnorm", "--low-memory"], ["--to", "dyt"]])
+def test_whisper_converts_and_what_is_approximate_is_measured(extra, tiny_whisper, tmp_path, monkeypatch, capsys):
+    """What the reproducers of issue 12 do now: exact RMSNorm in memory and streaming; DyT
+    calibrated (random features stand in: no processor in this folder) and measured."""
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["convert", str(tiny_whisper), "--out", str(out), "--format", "json", *extra], monkeypatch, capsys)
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["exact"] == (extra[1] == "rmsnorm") and out.is_dir()
+    if extra[1] == "dyt":
+        assert data["max_rel_diff"] is not None and any("random features" in w for w in data["warnings"])
 
 
 def test_automatic_streaming_of_an_approximate_conversion_falls_back_to_memory(work, monkeypatch, capsys):

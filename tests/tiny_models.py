@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSpeechSeq2Seq
 
 VOCAB = 100
 
@@ -30,10 +30,14 @@ TINY: dict[str, tuple[str, dict, type]] = {
     "mistral": ("mistral", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
     "qwen2": ("qwen2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
     "gemma": ("gemma", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64, max_position_embeddings=64), AutoModelForCausalLM),
+    # speech encoder-decoder: 8 mel bins, 32 input frames (2 x max_source_positions)
+    "whisper": ("whisper", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                                encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=64,
+                                decoder_start_token_id=1, pad_token_id=2), AutoModelForSpeechSeq2Seq),
 }
 RMS_MODELS = ["llama", "mistral", "qwen2", "gemma"]
 
-PRE_LN = ["gpt2", "gpt_neox", "gpt_neox-seq", "gptj", "opt", "opt-proj", "phi", "bloom", "falcon", "falcon-new", "falcon-seq", "vit"]
+PRE_LN = ["gpt2", "gpt_neox", "gpt_neox-seq", "gptj", "opt", "opt-proj", "phi", "bloom", "falcon", "falcon-new", "falcon-seq", "vit", "whisper"]
 POST_LN = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "opt-post"]
 
 
@@ -62,4 +66,8 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 12, seed: 
     g = torch.Generator().manual_seed(seed)
     if model.config.model_type == "vit":
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    if model.config.model_type == "whisper":
+        cfg = model.config
+        return {"input_features": torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g),
+                "decoder_input_ids": torch.randint(3, VOCAB, (batch, length), generator=g)}
     return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=g)}

@@ -1,13 +1,13 @@
 """Per-architecture knowledge, keyed by `config.model_type`.
 
-The built-in tables live in `decoders.py`, `encoders.py` and `rmsnorm_models.py`. Users add a
+The built-in tables live in `decoders.py`, `encoders.py`, `rmsnorm_models.py` and `seq2seq.py`. Users add a
 family with `register_family(Family(...))`, or from another package through the entry point group
 "normswap.families" (each entry point resolves to a `Family`).
 """
 from __future__ import annotations
 
-from normswap.archs import decoders, encoders, rmsnorm_models
-from normswap.archs.spec import Family, NormSpec
+from normswap.archs import decoders, encoders, rmsnorm_models, seq2seq
+from normswap.archs.spec import Family, NormSpec, Stack
 
 _REGISTRY: dict[str, Family] = {}
 _entry_points_loaded = False
@@ -44,7 +44,7 @@ def families() -> list[Family]:
     return list(_REGISTRY.values())
 
 
-for _family in (*decoders.FAMILIES, *encoders.FAMILIES, *rmsnorm_models.FAMILIES):
+for _family in (*decoders.FAMILIES, *encoders.FAMILIES, *rmsnorm_models.FAMILIES, *seq2seq.FAMILIES):
     register_family(_family)
 
-__all__ = ["Family", "NormSpec", "families", "get_family", "register_family"]
+__all__ = ["Family", "NormSpec", "Stack", "families", "get_family", "register_family"]

@@ -54,6 +54,8 @@ class ModelPlan:
     head: str | None  # path of the output embeddings, if any
     tied_embedding: str | None  # path of the input embedding the head shares its weight with
     other_norms: list[str] = field(default_factory=list)  # norms the table does not cover
+    # blocks whose input (the stream as it starts) gets one explicit mean subtraction (Stack.centre_input)
+    centred_inputs: list[str] = field(default_factory=list)
 
     @property
     def known(self) -> bool:
@@ -143,37 +145,79 @@ def build_plan(model: nn.Module) -> ModelPlan:
 
     family = family.for_config(config)
     base = _base_prefix(model)
-    blocks_path = join(base, family.blocks)
-    if not has_module(model, blocks_path):
-        raise NormswapError(f"architecture table for {model_type!r} expects blocks at {blocks_path!r}, which {type(model).__name__} lacks")
-    block_paths = [join(blocks_path, str(i)) for i in range(len(get_module(model, blocks_path)))]
+    # every stack's blocks first: readers may name another stack's blocks ("*decoder:...")
+    stacks = [(st, _block_paths(model, join(base, st.blocks))) for st in family.stacks]
+    stack_blocks = {st.name: paths for st, paths in stacks if paths is not None}
+    if not stack_blocks:
+        raise NormswapError(f"architecture table for {model_type!r} expects blocks at "
+                            f"{' or '.join(repr(join(base, st.blocks)) for st in family.stacks)}, which {type(model).__name__} lacks")
     sites: list[Site] = []
     writers: list[str] = []
+    embed_writers: list[str] = []
+    centred_inputs: list[str] = []
 
-    def resolve_all(names: tuple[str, ...], scope: str, index: int | None) -> list[str]:
-        found = [_resolve(model, scope, n, base=base, block_paths=block_paths, block_index=index, head=head) for n in names]
-        return [p for p in found if p is not None]
+    for stack, block_paths in stacks:
+        if block_paths is None:
+            continue  # an encoder-only or decoder-only head class of an encoder-decoder family
 
-    for spec in family.model_norms:
-        if spec.placement == "embed":
-            sites.append(_site_if_present(model, join(base, spec.name), spec.placement, resolve_all(spec.readers, base, None)))
-    for i, block in enumerate(block_paths):
-        for spec in family.block_norms:
-            sites.append(_site_if_present(model, join(block, spec.name), spec.placement, resolve_all(spec.readers, block, i)))
-        writers += resolve_all(family.block_writers, block, i)
-    for spec in family.model_norms:
-        if spec.placement != "embed":
-            sites.append(_site_if_present(model, join(base, spec.name), spec.placement, resolve_all(spec.readers, base, None), spec.foldable))
+        def resolve_all(names: tuple[str, ...], scope: str, index: int | None, block_paths=block_paths) -> list[str]:
+            found: list[str | None] = []
+            for n in names:
+                if n.startswith("*"):
+                    found += _in_every_block(model, n, stack_blocks)
+                else:
+                    found.append(_resolve(model, scope, n, base=base, block_paths=block_paths, block_index=index, head=head))
+            return [p for p in found if p is not None]
+
+        for spec in stack.model_norms:
+            if spec.placement == "embed":
+                sites.append(_site_if_present(model, join(base, spec.name), spec.placement, resolve_all(spec.readers, base, None)))
+        for i, block in enumerate(block_paths):
+            for spec in stack.block_norms:
+                sites.append(_site_if_present(model, join(block, spec.name), spec.placement, resolve_all(spec.readers, block, i)))
+            writers += resolve_all(stack.block_writers, block, i)
+        for spec in stack.model_norms:
+            if spec.placement != "embed":
+                sites.append(_site_if_present(model, join(base, spec.name), spec.placement, resolve_all(spec.readers, base, None), spec.foldable))
+        embed_writers += resolve_all(stack.embed_writers, base, None)
+        if stack.centre_input and block_paths:
+            centred_inputs.append(block_paths[0])
     for spec in family.head_norms:
         if has_module(model, spec.name):
-            sites.append(_site_if_present(model, spec.name, spec.placement, resolve_all(spec.readers, "", None)))
+            sites.append(_site_if_present(model, spec.name, spec.placement, _resolve_head_readers(model, spec.readers, head, base)))
     sites = [s for s in sites if s is not None]
     for s in sites:
         s.gain_offset = family.gain_offset
-    embed_writers = resolve_all(family.embed_writers, base, None)
     covered = {s.path for s in sites}
     other = [p for p in all_norms if p not in covered]
-    return ModelPlan(model_type, family, family.style, sites, writers, embed_writers, head, tied, other)
+    return ModelPlan(model_type, family, family.style, sites, writers, embed_writers, head, tied, other, centred_inputs)
+
+
+def _block_paths(model: nn.Module, blocks_path: str) -> list[str] | None:
+    """The paths of the blocks in the ModuleList at `blocks_path`, None if the model lacks it."""
+    if not has_module(model, blocks_path) or get_module(model, blocks_path) is None:
+        return None
+    return [join(blocks_path, str(i)) for i in range(len(get_module(model, blocks_path)))]
+
+
+def _in_every_block(model: nn.Module, name: str, stack_blocks: dict[str, list[str]]) -> list[str | None]:
+    """"*stack:path[?]": `path` in every block of that stack (nothing if the model lacks the stack)."""
+    stack, sep, rel = name[1:].partition(":")
+    if not sep:
+        raise NormswapError(f"architecture table reader {name!r} must read '*stack:path'")
+    optional = rel.endswith("?")
+    rel = rel.rstrip("?")
+    paths = [join(b, rel) for b in stack_blocks.get(stack, [])]
+    for p in paths:
+        if not has_module(model, p) and not optional:
+            raise NormswapError(f"architecture table for {type(model).__name__} names {p}, which the model lacks")
+    return [p for p in paths if has_module(model, p)]
+
+
+def _resolve_head_readers(model: nn.Module, names: tuple[str, ...], head: str | None, base: str) -> list[str]:
+    """Readers of a norm inside a task head (names relative to the root model)."""
+    found = [_resolve(model, "", n, base=base, block_paths=[], block_index=None, head=head) for n in names]
+    return [p for p in found if p is not None]
 
 
 def _site_if_present(model: nn.Module, path: str, placement: str, readers: list[str], foldable: bool = True) -> Site | None:
@@ -234,7 +278,8 @@ def describe_family(family: Family) -> dict[str, Any]:
         "model_type": family.model_type,
         "style": family.style,
         "norm_kind": family.norm_kind,
-        "norms": [n.name for n in family.block_norms] + [n.name for n in family.model_norms] + [n.name for n in family.head_norms],
+        "norms": [f"{st.name}: {n.name}" if st.name else n.name for st in family.stacks for n in st.block_norms + st.model_norms]
+        + [n.name for n in family.head_norms],
         "flag_dependent": family.variant is not None,
         "notes": family.notes,
     }

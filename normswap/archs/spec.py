@@ -12,7 +12,13 @@ Reader names use a small prefix notation, resolved in `normswap.archs.plan`:
     "^pooler.dense" relative to the base model (for a block norm: the last block's only)
     "/classifier"   relative to the root model
     "@head"         the model's output embeddings (LM head), if it has one
+    "*dec:q_proj"   that name in every block of the stack called "dec" (cross-attention: every
+                    decoder block's k/v projections read the encoder's final norm)
 A trailing "?" marks a name that some configurations lack.
+
+Most families have one residual stream, described by the Family's own fields. Encoder-decoders
+have two: the Family's fields describe the first (the encoder), `extra_stacks` the others, each a
+`Stack` with the same fields, its paths also relative to the base model.
 """
 from __future__ import annotations
 
@@ -38,6 +44,22 @@ class NormSpec:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """One residual stream: its blocks, their norms and writers, and what starts it."""
+
+    name: str  # how readers of other stacks name it ("*name:..."); "" for a family's only stream
+    blocks: str
+    block_norms: tuple[NormSpec, ...]
+    block_writers: tuple[str, ...]
+    embed_writers: tuple[str, ...] = ()
+    model_norms: tuple[NormSpec, ...] = ()
+    # True where the stream starts at a sum that no weight change can centre (Whisper's encoder:
+    # gelu(conv2(x)) + positions): the first block's input gets one explicit mean subtraction,
+    # recorded like the centred embedding lookups.
+    centre_input: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything normswap knows about one `config.model_type`."""
 
@@ -54,6 +76,9 @@ class Family:
     # which stores w and multiplies by (1 + w). Folding and DyT read the gain through it.
     gain_offset: float = 0.0
     notes: str = ""
+    stack_name: str = ""  # the name of the stream the fields above describe (see Stack.name)
+    centre_input: bool = False  # see Stack.centre_input
+    extra_stacks: tuple[Stack, ...] = ()  # further streams (the decoder of an encoder-decoder)
     # Families whose layout depends on config flags (OPT's do_layer_norm_before, Falcon's
     # parallel_attn) give a function that returns the right variant for a config.
     variant: Callable[[Any], "Family"] | None = field(default=None, compare=False, repr=False)
@@ -61,6 +86,13 @@ class Family:
     def for_config(self, config: Any) -> "Family":
         """The table for this particular config (resolving flag-dependent variants)."""
         return self.variant(config) if self.variant is not None else self
+
+    @property
+    def stacks(self) -> tuple[Stack, ...]:
+        """Every residual stream, in forward order (the Family's own fields first)."""
+        main = Stack(self.stack_name, self.blocks, self.block_norms, self.block_writers, self.embed_writers,
+                     self.model_norms, self.centre_input)
+        return (main, *self.extra_stacks)
 
     def but(self, **changes: Any) -> "Family":
         """A copy with some fields changed (used to declare variants and related families)."""

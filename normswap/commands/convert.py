@@ -23,15 +23,18 @@ def convert_cmd(
     fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold norm affines into the reading linears where exact."),
     tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it). RMSNorm models (Llama...): auto keeps the tie and the final norm's gain, untie folds it."),
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text file for DyT calibration (default: built-in sample)."),
-    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT."),
+    calib_audio: Optional[Path] = typer.Option(None, "--calib-audio", help="Speech models (Whisper): a folder of audio files (with a transcripts.tsv, else the original's greedy decodes) for DyT calibration."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT (speech: one utterance per 256, at most 32)."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
     alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
     verify: bool = typer.Option(False, "--verify", help="Compare original and converted on sample text; fail if an exact conversion is not."),
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify (default: built-in sample)."),
+    verify_audio: Optional[Path] = typer.Option(None, "--verify-audio", help="Speech models: a folder of audio files for --verify (default: the calibration audio, else random features)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (exact conversions only: --to rmsnorm on LayerNorm Pre-LN and RMSNorm families; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
+    drop_mean: bool = typer.Option(False, "--drop-mean", help="Architectures without a family table: swap LayerNorm for plain RMSNorm, dropping the mean (approximate, measured). By default such a model's RMSNorms subtract their input's mean first, keeping LayerNorm's function exactly."),
     dtype: str = typer.Option("auto", "--dtype", help="Floating dtype of the saved weights: auto (the source checkpoint's own), float32, bfloat16 or float16."),
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
@@ -43,7 +46,8 @@ def convert_cmd(
     from normswap.textfiles import read_text
 
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
-    inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text}
+    inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text,
+              "calibration audio": calib_audio, "verification audio": verify_audio}
     check_output(out, overwrite=overwrite, inputs=inputs)  # before any long work
     calib = read_text(calib_text) if calib_text is not None else None
     vtext = read_text(verify_text) if verify_text is not None else None
@@ -54,7 +58,8 @@ def convert_cmd(
         from normswap.streaming import NotStreamable, stream_convert
 
         try:
-            result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite, dtype=dtype)
+            result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite, dtype=dtype,
+                                    drop_mean=drop_mean)
         except NotStreamable:
             if low_memory:  # asked for: say why not
                 raise
@@ -64,7 +69,7 @@ def convert_cmd(
         converted, result = convert_model(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
-            dtype=dtype,
+            dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio,
         )
         save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
              overwrite=overwrite, inputs=inputs)

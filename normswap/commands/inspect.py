@@ -26,7 +26,7 @@ def inspect_cmd(
     style = {"pre": "Pre-LN", "post": "Post-LN", "unknown": "unknown (no family table)"}[report.style]
     typer.echo(f"model       {report.model}")
     typer.echo(f"class       {report.architecture} ({report.parameters:,} parameters)")
-    typer.echo(f"family      {report.family or report.model_type + ' (no family table: generic swap, nothing folded)'}")
+    typer.echo(f"family      {report.family or report.model_type + ' (no family table: --to rmsnorm keeps LayerNorm semantics, nothing folded; --drop-mean for plain RMSNorm, measured)'}")
     typer.echo(f"placement   {style}")
     typer.echo(f"tied head   {'yes, shares ' + report.tied_head if report.tied_head else 'no'}")
     typer.echo(f"writers     {len(report.embed_writers)} embeddings + {len(report.writers)} sublayer outputs")

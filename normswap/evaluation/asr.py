@@ -261,6 +261,8 @@ def evaluate(hypotheses: dict[str, list[str]], data: AudioSet, normalizer: Calla
     subsets = data.subsets
     if subsets:
         row["subsets"] = {s: _row(rows, [i for i, u in enumerate(data.utterances) if u.subset == s], resamples, seed) for s in subsets}
+    if "baseline" in hypotheses:  # transcripts equal character for character (an exact conversion's test)
+        row["identical_transcripts"] = sum(h == g for h, g in zip(hypotheses["converted"], hypotheses["baseline"]))
     row.update(normalizer="whisper-english", decoding="greedy, no timestamps", seconds_of_audio=round(data.seconds, 3),
                bootstrap={"resamples": resamples, "seed": seed, "level": 0.95} if "baseline" in rows else None)
     per_utt = []

@@ -147,6 +147,8 @@ def _body(record: ConversionRecord, cfg: dict[str, Any], repo_id: str, source: s
         lines.append(f"- tied LM head: {record.tied_head}")
     if record.centered_embeddings:
         lines.append(f"- centred embedding lookups: {', '.join(record.centered_embeddings)}")
+    if record.centered_inputs:
+        lines.append(f"- inputs centred explicitly (one mean subtraction): {', '.join(record.centered_inputs)}")
     if record.new_biases:
         lines.append(f"- {len(record.new_biases)} linear layers gained a bias from folding")
     if record.unfolded:

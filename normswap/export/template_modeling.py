@@ -6,7 +6,7 @@
 # normswap (https://github.com/, Apache-2.0) replaced this model's LayerNorms with RMSNorm or DyT
 # and recorded every structural change in config.json's "normswap" section. This file rebuilds the
 # base transformers architecture from that config, re-applies the changes (replacement norms,
-# centred embedding lookups, biases gained from folding) and loads the weights strictly: a missing
+# centred embedding lookups and block inputs, biases gained from folding) and loads the weights strictly: a missing
 # or unexpected tensor is an error, never a silent re-initialisation. What `from_pretrained` returns
 # is the plain transformers model class (e.g. GPT2LMHeadModel) with the new norm modules inside.
 #
@@ -49,13 +49,18 @@ class _AffineNorm(nn.Module):
 
 
 class RMSNorm(_AffineNorm):
-    """y = w * x / sqrt(mean(x^2) + eps) + b (statistic in float32, as LayerNorm does)."""
+    """y = w * x / sqrt(mean(x^2) + eps) + b (statistic in float32, as LayerNorm does); `center`
+    subtracts the input's mean first (LayerNorm's own function)."""
 
-    def __init__(self, dim: int, eps: float, weight: bool = True, bias: bool = False, recenter: bool = False):
+    def __init__(self, dim: int, eps: float, weight: bool = True, bias: bool = False, recenter: bool = False,
+                 center: bool = False):
         super().__init__(dim, weight, bias, recenter)
         self.eps = float(eps)
+        self.center = center
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
         x32 = x.float()
         sum_sq = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square()  # one fused reduction
         return self._affine((x32 * torch.rsqrt(sum_sq / x.shape[-1] + self.eps)).to(x.dtype))
@@ -96,9 +101,25 @@ class CenteredEmbedding(nn.Embedding):
         return e - e.mean(-1, keepdim=True)
 
 
+class _CenteredInput:
+    """Mixin: a block whose input (hidden_states) is mean-subtracted before it runs."""
+
+    def forward(self, *args, **kwargs):
+        if args:
+            args = (args[0] - args[0].mean(-1, keepdim=True), *args[1:])
+        else:
+            kwargs["hidden_states"] = kwargs["hidden_states"] - kwargs["hidden_states"].mean(-1, keepdim=True)
+        return super().forward(*args, **kwargs)
+
+
+def center_input(module: nn.Module) -> None:
+    module.__class__ = type(f"CenteredInput{type(module).__name__}", (_CenteredInput, type(module)), {})
+
+
 def new_norm(spec: dict) -> nn.Module:
     if spec["type"] == "rmsnorm":
-        return RMSNorm(spec["dim"], spec["eps"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
+        return RMSNorm(spec["dim"], spec["eps"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False),
+                       center=spec.get("center", False))
     if spec["type"] == "dyt":
         return DyT(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
     if spec["type"] == "identity":
@@ -137,9 +158,12 @@ def _path_mapper(model: nn.Module, paths: list):
 def apply_structure(model: nn.Module, record: dict) -> None:
     """Turn a freshly built base model into the converted architecture (values are loaded later)."""
     sites = record.get("sites", [])
-    map_path = _path_mapper(model, [s["path"] for s in sites] + record.get("new_biases", []) + record.get("centered_embeddings", []))
+    map_path = _path_mapper(model, [s["path"] for s in sites] + record.get("new_biases", []) + record.get("centered_embeddings", [])
+                            + record.get("centered_inputs", []))
     for path in filter(None, map(map_path, record.get("centered_embeddings", []))):
         _get(model, path).__class__ = CenteredEmbedding
+    for path in filter(None, map(map_path, record.get("centered_inputs", []))):
+        center_input(_get(model, path))
     for path in filter(None, map(map_path, record.get("new_biases", []))):
         lin = _get(model, path)
         lin.bias = nn.Parameter(torch.zeros(lin.weight.shape[0], dtype=lin.weight.dtype, device=lin.weight.device))
