@@ -295,7 +295,7 @@ def load(
     record, cfg = read_record(path)
     files, weight_map = weight_files(path)
     headers = read_checkpoint(files, weight_map, path / WEIGHTS_INDEX_NAME)
-    modified = not _check_digest(record, headers, path)
+    modified = not _check_digest(record, _read_config(path)["normswap"], headers, path)
     cfg.pop("model_type")
     cfg.pop("transformers_version", None)
     cfg.update(config_overrides)
@@ -339,16 +339,18 @@ def _apply_generation_config(model: nn.Module, path: Path) -> None:
 _MODIFIED = "the conversion record or the weights were modified after saving (the integrity digest in config.json does not match them)"
 
 
-def _check_digest(record: ConversionRecord, headers: list[Any], path: Path) -> bool:
-    """Whether the record's digest matches the record and the weights' headers. A record without
-    one (saved by an older normswap) passes, with a logged warning."""
+def _check_digest(record: ConversionRecord, stored: dict[str, Any], headers: list[Any], path: Path) -> bool:
+    """Whether the record's digest matches the record as stored in config.json (`stored`) and the
+    weights' headers. The stored form, not the parsed one: a field that a later normswap adds with
+    a default would otherwise change the digest of every checkpoint saved before it. A record
+    without a digest (saved by an older normswap) passes, with a logged warning."""
     from normswap.integrity import record_digest, tensor_list
 
     if record.digest is None:
         logger.warning("%s has no integrity digest (saved by an older normswap): loading it without checking "
                        "that its conversion record and weights belong together", path)
         return True
-    return record_digest(record.to_dict(), tensor_list(headers)) == record.digest
+    return record_digest(stored, tensor_list(headers)) == record.digest
 
 
 def _load_weights_strict(model: nn.Module, path: Path, *, allow_new_head: bool, headers: list[Any] | None = None,

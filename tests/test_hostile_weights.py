@@ -452,6 +452,27 @@ def test_digest_covers_record_and_tensors_and_both_save_paths_agree(work):
 
 
 @RECORD
+def test_checkpoint_saved_before_a_record_field_was_added_still_loads(work):
+    """A record field added later with a default (sites' `center`, `centered_inputs`) must not make
+    every older checkpoint read as modified: the digest is checked over the record as stored."""
+    from normswap.integrity import read_checkpoint, record_digest, tensor_list, weight_files
+
+    def older(rec):
+        rec.pop("centered_inputs")
+        for site in rec["sites"]:
+            site.pop("center")
+        files, weight_map = weight_files(work["conv"])
+        body = {k: v for k, v in rec.items() if k != "digest"}
+        rec["digest"] = record_digest(body, tensor_list(read_checkpoint(files, weight_map, work["conv"] / "model.safetensors.index.json")))
+
+    _tamper_record(work["conv"], older)
+    normswap.load(work["conv"])  # no "modified" refusal
+    _tamper_record(work["conv"], lambda rec: rec["sites"][0].update(center=True))  # a real change still is one
+    with pytest.raises(NormswapError, match="modified"):
+        normswap.load(work["conv"])
+
+
+@RECORD
 def test_exported_checkpoint_with_digest_still_loads_without_normswap(work):
     """The Hub template reads the record as a dict: the digest key must not disturb it."""
     import importlib.util
