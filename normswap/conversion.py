@@ -123,6 +123,7 @@ def convert_model(
     drop_mean: bool = False,
     calib_audio: str | Path | None = None,
     verify_audio: str | Path | None = None,
+    calib_audio_subsets: list[str] | None = None,
     processor: Any = None,
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
@@ -198,7 +199,7 @@ def convert_model(
                                     "(audio files, with a transcripts.tsv for teacher-forced decoder inputs)")
             # the centred model computes the original's function: it decodes folders without transcripts
             calib_batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=calib_text, audio=calib_audio,
-                                         n_tokens=calib_tokens, what="calibration", teacher=model)
+                                         n_tokens=calib_tokens, what="calibration", teacher=model, audio_subsets=calib_audio_subsets)
             warnings += _stand_in_warnings(model, tokenizer, calib_batches, calib_audio, "calibration")
         result = ConversionResult(record, 0.0, warnings, tokenizer=tokenizer, source=source)
         from normswap.verification import float32_compute
@@ -220,7 +221,8 @@ def convert_model(
 
         audio = verify_audio if verify_audio is not None else calib_audio
         batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=1024, block=256,
-                               batch_size=2, seed=1, what="verification", teacher=original)
+                               batch_size=2, seed=1, what="verification", teacher=original,
+                               audio_subsets=calib_audio_subsets if verify_audio is None else None)
         warnings += _stand_in_warnings(model, tokenizer, batches, audio, "verification")
         if verify_audio is None and calib_audio is not None:
             warnings.append("verification ran on the calibration audio (another seeded draw of it): give --verify-audio for held-out speech")

@@ -282,6 +282,7 @@ def speech_batches(
     seed: int = 0,
     what: str = "calibration audio",
     teacher: nn.Module | None = None,
+    subsets: Sequence[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Batches of `input_features` (float32, [b, n_mels, frames]) and `decoder_input_ids` for a
     speech encoder-decoder: the first `n_utterances` utterances of the `audio` folder in a seeded
@@ -297,7 +298,8 @@ def speech_batches(
     `audio` None: seeded random stand-ins (features uniform in RANDOM_FEATURE_RANGE of shape
     [1, num_mel_bins, 2 * max_source_positions], decoder ids the prompt then random ids), as
     `token_blocks` does for tiny text models without a tokenizer; the caller warns. Every problem
-    with the folder is one NormswapError line starting with `what` ("calibration audio (--calib-audio)")."""
+    with the folder is one NormswapError line starting with `what` ("calibration audio (--calib-audio)").
+    `subsets` keeps only those manifest subsets (calibrate on train, evaluate on test)."""
     name = type(model).__name__
     if not is_speech(model):
         raise NormswapError(f"{name} takes {getattr(model, 'main_input_name', 'input_ids')}, not audio: the {what} cannot be used")
@@ -313,7 +315,7 @@ def speech_batches(
     from normswap.evaluation.asr import max_seconds
 
     try:
-        data = read_audio_folder(audio, require_transcripts=False)
+        data = read_audio_folder(audio, require_transcripts=False, subsets=subsets)
         check_lengths(data, max_seconds(processor), name)
         order = list(range(len(data.utterances)))
         random.Random(seed).shuffle(order)
@@ -361,6 +363,7 @@ def model_inputs(
     what: str = "calibration",
     teacher: nn.Module | None = None,
     n_utterances: int | None = None,
+    audio_subsets: Sequence[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration or verification batches for any model normswap converts: `speech_batches` for a
     speech encoder-decoder (`n_utterances`, else `utterances_for(n_tokens)` utterances, one a
@@ -372,7 +375,7 @@ def model_inputs(
         if text is not None:
             raise NormswapError(f"{name} takes audio, not text: use --calib-audio/--verify-audio instead of the {what} text")
         option = AUDIO_OPTIONS.get(what)
-        return speech_batches(model, processor=processor, tokenizer=tokenizer, audio=audio, seed=seed, teacher=teacher,
+        return speech_batches(model, processor=processor, tokenizer=tokenizer, audio=audio, seed=seed, teacher=teacher, subsets=audio_subsets,
                               n_utterances=n_utterances if n_utterances is not None else utterances_for(n_tokens),
                               what=f"{what} audio ({option})" if option else f"{what} audio")
     if audio is not None:

@@ -24,6 +24,7 @@ def convert_cmd(
     tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it). RMSNorm models (Llama...): auto keeps the tie and the final norm's gain, untie folds it."),
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text file for DyT calibration (default: built-in sample)."),
     calib_audio: Optional[Path] = typer.Option(None, "--calib-audio", help="Speech models (Whisper): a folder of audio files (with a transcripts.tsv, else the original's greedy decodes) for DyT calibration."),
+    calib_audio_subsets: Optional[str] = typer.Option(None, "--calib-audio-subsets", help="Only these comma-separated manifest subsets of --calib-audio (calibrate on train, evaluate on test)."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT (speech: one utterance per 256, at most 32)."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
     alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
@@ -70,6 +71,7 @@ def convert_cmd(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
             dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio,
+            calib_audio_subsets=calib_audio_subsets.split(",") if calib_audio_subsets is not None else None,
         )
         save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
              overwrite=overwrite, inputs=inputs)
