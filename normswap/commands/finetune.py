@@ -2,6 +2,7 @@
 
     normswap finetune gpt2-dyt --teacher gpt2 --data corpus.txt --tokens 2M --out gpt2-dyt-ft
     accelerate launch -m normswap finetune gpt2-dyt --teacher gpt2 --data corpus.txt --tokens 200M --out gpt2-dyt-ft
+    normswap finetune whisper-dyt --teacher whisper-tiny.en --objective distill --audio librispeech --steps 200 --out whisper-dyt-ft
 
 Progress goes to stderr; the result (a table, or JSON with --format json) to stdout. Ctrl-C saves a
 checkpoint and exits with code 130; `--resume` continues it. A NaN/inf loss exits with code 3.
@@ -23,7 +24,10 @@ def register(app: typer.Typer) -> None:
 def finetune_cmd(
     student: str = typer.Argument(..., help="Converted model folder (from `normswap convert`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: final model, checkpoints, train_log.jsonl, loss_curve.png."),
-    data: str = typer.Option(..., "--data", help="Text file, folder of text files, or a `datasets` name (online only)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Text file, folder of text files, or a `datasets` name (online only)."),
+    audio: Optional[str] = typer.Option(None, "--audio", help="Speech encoder-decoders (Whisper), instead of --data: a folder of audio files "
+                                        "with transcripts.tsv (as `eval --asr` reads it), teacher-forced on the transcripts."),
+    audio_subsets: Optional[str] = typer.Option(None, "--audio-subsets", help="--audio: only these comma-separated manifest subsets."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The original model (needed for distill and --progressive)."),
     objective: str = typer.Option("lm", "--objective", help="lm, distill, or a mix such as lm=0.3,distill=0.7."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token budget, e.g. 2M (or give --steps)."),
@@ -67,7 +71,8 @@ def finetune_cmd(
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed,
         precision=precision, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
-    result = finetune(student, teacher=teacher, data=data, out=out, config=cfg, overwrite=overwrite, resume=resume)
+    result = finetune(student, teacher=teacher, data=data, audio=audio, audio_subsets=audio_subsets.split(",") if audio_subsets is not None else None,
+                      out=out, config=cfg, overwrite=overwrite, resume=resume)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, only the main process prints the result
@@ -75,9 +80,13 @@ def finetune_cmd(
     if fmt == OutputFormat.json:
         emit_json(result.to_dict())
     else:
-        rows = [["status", result.status], ["out", result.out], ["steps", f"{result.step}/{result.total_steps}"],
-                ["tokens", result.tokens], ["tokens/s", round(result.tokens_per_second, 1)],
-                ["last train loss", result.last_loss]]
+        rows = [["status", result.status], ["out", result.out], ["steps", f"{result.step}/{result.total_steps}"]]
+        if audio is not None:
+            rows += [["audio seconds", round(result.audio_seconds, 1)], ["audio s/s", round(result.audio_seconds_per_second, 2)],
+                     ["decoder tokens", result.tokens]]
+        else:
+            rows += [["tokens", result.tokens], ["tokens/s", round(result.tokens_per_second, 1)]]
+        rows.append(["last train loss", result.last_loss])
         rows += [[k.replace("_", " "), v] for k, v in result.val.items()]
         if result.checkpoint:
             rows.append(["checkpoint", result.checkpoint])

@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.training.config import TrainConfig
-from normswap.training.data import TrainData, build_data
+from normswap.training.data import TrainData, build_data, build_speech_data
 from normswap.evaluation.results import write_json
 from normswap.outputs import swap_into_place
 from normswap.training.checkpoint import latest_checkpoint
@@ -71,16 +71,22 @@ def _one_run_per_folder(fn: Callable[..., FinetuneResult]) -> Callable[..., Fine
 def finetune(
     student: str | os.PathLike,
     *,
-    data: str | os.PathLike,
+    data: str | os.PathLike | None = None,
     out: str | os.PathLike,
     teacher: str | os.PathLike | None = None,
     config: TrainConfig | None = None,
     overwrite: bool = False,
     resume: bool = False,
     on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
+    audio: str | os.PathLike | None = None,
+    audio_subsets: Sequence[str] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the converted model at `student` on `data` and save it to `out` in normswap's format.
+
+    A speech encoder-decoder (Whisper) trains on `audio` instead: a folder of audio files with
+    transcripts (as `normswap eval --asr` reads it; `audio_subsets` keeps some subsets of its
+    manifest.tsv), teacher-forced on the transcripts; its budget is `steps`.
 
     `config` (or keyword overrides of its fields, e.g. `steps=100, objective="distill"`) sets the run.
     With `resume`, training continues from the newest checkpoint in `out` with the saved settings'
@@ -103,18 +109,25 @@ def finetune(
     cfg.check()
     weights = parse_objective(cfg.objective)
     out = Path(out)
-    student, data = str(student), str(data)
+    subsets = _check_source(data, audio, audio_subsets, cfg)
+    student, data, audio = str(student), str(data) if data is not None else None, str(audio) if audio is not None else None
+    source = audio if audio is not None else data
     teacher = str(teacher) if teacher is not None else None
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.progressive else []
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), kwargs_handlers=handlers)
     if not accelerator.is_main_process:  # under `accelerate launch`: one process reports
         logger.setLevel(logging.WARNING)
-    work = work_folder(out, overwrite=overwrite, resume=resume, inputs={"student": student, "teacher": teacher, "data": data})
+    work = work_folder(out, overwrite=overwrite, resume=resume,
+                       inputs={"student": student, "teacher": teacher, "data": data, "audio": audio})
     accelerator.wait_for_everyone()  # every process has chosen `work` before the main one writes to it
     if resume:
-        _check_resume_config(work, cfg, student=student, teacher=teacher, data=data)
+        _check_resume_config(work, cfg, student=student, teacher=teacher, data=data, audio=audio, audio_subsets=subsets)
     if (weights.get("distill", 0) > 0 or cfg.progressive) and teacher is None:
         raise NormswapError("--teacher is needed for " + ("the distill objective" if weights.get("distill", 0) > 0 else "--progressive"))
+    if audio is not None:  # the folder's problems are one line before any model loads
+        from normswap.audio import read_audio_folder
+
+        speech = read_audio_folder(audio, subsets=subsets)
 
     model = load_pretrained(student)
     record = read_record(student)[0] if is_converted(student) else None
@@ -124,9 +137,16 @@ def finetune(
     if tokenizer is None:
         raise NormswapError(f"student {student} has no tokenizer files")
     kind = model_kind(model)
+    if audio is not None and kind != "speech":
+        raise NormswapError(f"--audio needs a speech encoder-decoder student (such as WhisperForConditionalGeneration); "
+                            f"{student} is a {type(model).__name__}")
+    if audio is None and kind == "speech":
+        raise NormswapError(f"{student} is a speech encoder-decoder ({type(model).__name__}): train it on speech with --audio DIR, not --data")
     teacher_model = None
     if teacher is not None:
         teacher_model = load_pretrained(teacher)
+        if kind == "speech" and model_kind(teacher_model) != "speech":
+            raise NormswapError(f"teacher {teacher} is a {type(teacher_model).__name__}, not a speech encoder-decoder like {student}")
         check_vocabularies(student, model, tokenizer, teacher, teacher_model, load_tokenizer(teacher))
         if weights.get("distill", 0) > 0 and kind != "encoder" and model_kind(teacher_model) == "encoder":
             raise NormswapError(f"teacher {teacher} has no LM head, so it has no logits to distil into {student}")
@@ -139,22 +159,32 @@ def finetune(
     )
     objective.check()
 
-    max_len = _max_positions(model.config)
-    block_size = cfg.block_size or min(256, max_len or 256)
-    if max_len and block_size > max_len:
-        raise NormswapError(f"--block-size {block_size} is longer than the model's maximum of {max_len} positions")
-    packing = cfg.packing or ("lines" if kind == "encoder" else "blocks")
-    cfg.block_size, cfg.packing = block_size, packing
+    processor = None
+    if audio is not None:
+        from normswap.evaluation.asr import load_processor
 
-    data_ = build_data(data, tokenizer, block_size=block_size, packing=packing, encoder=kind == "encoder",
-                       seed=cfg.seed, val_examples=cfg.val_examples)
+        processor = load_processor(student)
+        data_ = build_speech_data(speech, model, tokenizer, processor, seed=cfg.seed, val_examples=cfg.val_examples, what=student)
+    else:
+        max_len = _max_positions(model.config)
+        block_size = cfg.block_size or min(256, max_len or 256)
+        if max_len and block_size > max_len:
+            raise NormswapError(f"--block-size {block_size} is longer than the model's maximum of {max_len} positions")
+        packing = cfg.packing or ("lines" if kind == "encoder" else "blocks")
+        cfg.block_size, cfg.packing = block_size, packing
+        data_ = build_data(data, tokenizer, block_size=block_size, packing=packing, encoder=kind == "encoder",
+                           seed=cfg.seed, val_examples=cfg.val_examples)
     total_steps = _total_steps(cfg, data_, accelerator.num_processes)
-    logger.info("%s: %d training examples (%d tokens), %d held out; %d steps of %d x %d x %d examples",
-                data, len(data_.train), data_.train.n_tokens(), len(data_.val), total_steps, cfg.batch_size,
-                cfg.grad_accum, accelerator.num_processes)
+    if data_.speech:
+        what = f"{len(data_.train)} training utterances ({data_.train.seconds(list(range(len(data_.train)))) / 60:.1f} min of audio, " \
+               f"{data_.train.n_tokens()} decoder tokens)"
+    else:
+        what = f"{len(data_.train)} training examples ({data_.train.n_tokens()} tokens)"
+    logger.info("%s: %s, %d held out; %d steps of %d x %d x %d examples", source, what, len(data_.val), total_steps,
+                cfg.batch_size, cfg.grad_accum, accelerator.num_processes)
 
     example = data_.train.batch(list(range(min(2, len(data_.train)))))
-    trainable = select_trainable(model, cfg.train, {k: v for k, v in example.items()})
+    trainable = select_trainable(model, cfg.train, objective.model_inputs(example))
     logger.info("training %d parameter tensors (%s, %d parameters)", len(trainable), cfg.train,
                 sum(p.numel() for p in model.parameters() if p.requires_grad))
     progressive = None
@@ -172,7 +202,8 @@ def finetune(
         work.mkdir(parents=True, exist_ok=True)
         if not resume:
             (work / CONFIG_FILE).write_text(json.dumps({
-                "student": student, "teacher": teacher, "data": data, "total_steps": total_steps,
+                "student": student, "teacher": teacher, "data": data, "audio": audio, "audio_subsets": subsets,
+                "total_steps": total_steps,
                 "config": cfg.to_dict(), **provenance()}, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
 
@@ -183,14 +214,15 @@ def finetune(
                                 progressive=progressive, on_step=on_step)
         finally:
             if accelerator.is_main_process:
-                plot_losses(TrainLog(work).read(), work / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(data).name}")
+                plot_losses(TrainLog(work).read(), work / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(source).name}")
         final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), **asdict(result))
         if result.status in ("completed", "time_limit"):
             trained = accelerator.unwrap_model(model)
             if progressive is not None:
                 unwrap_sites(trained, progressive[0])
             if accelerator.is_main_process:
-                save_final(trained, work, record, tokenizer, student=student, teacher=teacher, data=data, result=final)
+                save_final(trained, work, record, tokenizer, student=student, teacher=teacher, data=source, result=final,
+                           processor=processor)
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(work / RESULT_FILE, {**final.to_dict(), **provenance()})
@@ -259,7 +291,31 @@ def resumable(out: Path) -> bool:
     return out.is_dir() and latest_checkpoint(out) is not None and not (out / "config.json").is_file()
 
 
-def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: str | None, data: str) -> None:
+def _check_source(data: Any, audio: Any, audio_subsets: Sequence[str] | None, cfg: TrainConfig) -> list[str] | None:
+    """Exactly one data source; what speech does not take. Returns the subsets asked for."""
+    if data is not None and audio is not None:
+        raise NormswapError("give --data (text) or --audio DIR (speech), not both")
+    if data is None and audio is None:
+        raise NormswapError("no training data: give --data FILE (text) or --audio DIR (speech)")
+    if audio_subsets is not None and audio is None:
+        raise NormswapError("--audio-subsets needs --audio DIR")
+    if audio is None:
+        return None
+    if cfg.tokens is not None:
+        raise NormswapError("--audio takes its budget in --steps (--tokens counts text tokens)")
+    for name in ("block_size", "packing"):
+        if getattr(cfg, name) is not None:
+            raise NormswapError(f"--{name.replace('_', '-')} is for text data; --audio batches whole utterances")
+    if audio_subsets is None:
+        return None
+    subsets = [s.strip() for s in audio_subsets if s.strip()]
+    if not subsets:
+        raise NormswapError("--audio-subsets is empty: give subset names from the folder's manifest.tsv")
+    return subsets
+
+
+def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: str | None, data: str | None,
+                         audio: str | None = None, audio_subsets: list[str] | None = None) -> None:
     """A resumed run must see the same data order and schedule as the interrupted one."""
     try:
         saved = json.loads((out / CONFIG_FILE).read_text())
@@ -275,7 +331,7 @@ def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: 
     for k in ("block_size", "packing"):
         if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(old, k):
             diffs.append(k)
-    for name, now in (("student", student), ("teacher", teacher), ("data", data)):
+    for name, now in (("student", student), ("teacher", teacher), ("data", data), ("audio", audio), ("audio_subsets", audio_subsets)):
         if saved.get(name) != now:
             diffs.append(name)
     if diffs:
@@ -335,7 +391,7 @@ def provenance() -> dict[str, Any]:
 
 
 def save_final(model: nn.Module, out: Path, record: Any, tokenizer: Any, *, student: str, teacher: str | None,
-               data: str, result: FinetuneResult) -> None:
+               data: str, result: FinetuneResult, processor: Any = None) -> None:
     """Write the fine-tuned model into `out` beside the logs and checkpoints.
 
     The model is first written complete into a hidden folder (with normswap.save for converted
@@ -349,12 +405,13 @@ def save_final(model: nn.Module, out: Path, record: Any, tokenizer: Any, *, stud
     model.eval()
     if record is not None:
         note = {"from": student, "teacher": teacher, "data": data, "objective": result.objective,
-                "steps": result.step, "tokens": result.tokens, "val": result.val}
+                "steps": result.step, "tokens": result.tokens, "val": result.val,
+                **({"audio_seconds": round(result.audio_seconds, 3)} if result.audio_seconds else {})}
         record.source = {**(record.source or {}), "finetune": note}
         save(model, tmp, record, tokenizer=tokenizer, copy_from=student, overwrite=True)
     else:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        (processor or tokenizer).save_pretrained(str(tmp))  # a speech processor holds the tokenizer
     files = sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME)
     for f in files:
         dst = out / f.name

@@ -1,9 +1,17 @@
-"""Training data: read text (file, folder or `datasets` name), tokenize, pack, split, batch.
+"""Training data: read text (file, folder or `datasets` name), tokenize, pack, split, batch; or
+speech (a folder of audio with transcripts) for speech encoder-decoders such as Whisper.
 
 Everything here is deterministic for a seed: the held-out slice and the order of training
 examples depend only on (data, tokenizer, block size, packing, seed), and the examples of any step
 can be recomputed from the step number alone. That is what lets `--resume` continue at the exact
 data position without saving a sampler state.
+
+Speech examples (`SpeechExamples`) are utterances: log-mel `input_features` from the checkpoint's
+processor, `decoder_input_ids` teacher-forced from the transcript (`normswap.samples.
+teacher_forced_ids`: Whisper's forced prompt, the text, eos) and `labels`, the next tokens. A batch
+pads the decoder rows at the end; padded positions and the positions that predict the forced
+prompt carry label -100 and are left out of every loss. The decoder is causal and its positions
+absolute, so real tokens never see the padding behind them: no decoder attention mask is needed.
 """
 from __future__ import annotations
 
@@ -100,6 +108,69 @@ class Examples:
     def n_tokens(self) -> int:
         return int(self.blocks.numel()) if self.blocks is not None else sum(len(r) for r in self.rows)
 
+    def seconds(self, index: list[int]) -> float:
+        """Seconds of audio behind the examples at `index`: none for text."""
+        return 0.0
+
+
+FEATURE_CACHE_BYTES = 2 * 2**30  # log-mel features are kept in memory when all of them fit in this
+
+
+@dataclass
+class SpeechExamples:
+    """Utterances and their teacher-forced decoder sequences (prompt + transcript + eos).
+
+    Features are computed from the audio when a batch first needs them and kept while every
+    utterance's features together fit in FEATURE_CACHE_BYTES (whisper: 0.96 MB each, about 2,200
+    utterances); beyond that they are recomputed each time (the same values)."""
+
+    utterances: list[Any]  # normswap.audio.Utterance
+    sequences: list[list[int]]
+    prompt_len: int
+    processor: Any
+    pad_id: int
+    _features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def subset(self, index: torch.Tensor) -> "SpeechExamples":
+        idx = index.tolist()
+        return SpeechExamples([self.utterances[i] for i in idx], [self.sequences[i] for i in idx], self.prompt_len,
+                              self.processor, self.pad_id, self._features)
+
+    def features(self, index: list[int]) -> torch.Tensor:
+        from normswap.samples import speech_features
+
+        utts = [self.utterances[i] for i in index]
+        missing = list(dict.fromkeys(u.id for u in utts if u.id not in self._features))
+        if missing:
+            by_id = {u.id: u for u in utts}
+            new = speech_features(self.processor, [by_id[m] for m in missing])
+            if new[0].numel() * new.element_size() * len(self.utterances) > FEATURE_CACHE_BYTES:
+                fresh = dict(zip(missing, new))
+                return torch.stack([self._features.get(u.id, fresh.get(u.id)) for u in utts])
+            self._features.update((m, f.clone()) for m, f in zip(missing, new))
+        return torch.stack([self._features[u.id] for u in utts])
+
+    def batch(self, index: list[int]) -> dict[str, torch.Tensor]:
+        """input_features, decoder_input_ids (padded at the end) and labels (-100 where no loss)."""
+        rows = [self.sequences[i] for i in index]
+        width = max(len(r) for r in rows) - 1
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r) - 1] = torch.tensor(r[:-1], dtype=torch.long)
+            labels[i, self.prompt_len - 1:len(r) - 1] = torch.tensor(r[self.prompt_len:], dtype=torch.long)
+        return {"input_features": self.features(index), "decoder_input_ids": ids, "labels": labels}
+
+    def n_tokens(self) -> int:
+        """Decoder tokens that carry a loss: transcript tokens and eos."""
+        return sum(len(r) - self.prompt_len for r in self.sequences)
+
+    def seconds(self, index: list[int]) -> float:
+        return sum(self.utterances[i].seconds for i in index)
+
 
 def tokenize_blocks(texts: list[str], tokenizer: Any, block_size: int, *, encoder: bool) -> Examples:
     """Concatenate all documents into one token stream and cut it into full blocks.
@@ -164,8 +235,8 @@ def _pad_id(tokenizer: Any) -> int:
 class TrainData:
     """Training and held-out examples plus the deterministic, seed-driven order of training examples."""
 
-    train: Examples
-    val: Examples
+    train: Examples | SpeechExamples
+    val: Examples | SpeechExamples
     seed: int
     _perms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -184,6 +255,10 @@ class TrainData:
     def mean_tokens(self) -> float:
         return self.train.n_tokens() / max(1, len(self.train))
 
+    @property
+    def speech(self) -> bool:
+        return isinstance(self.train, SpeechExamples)
+
 
 def build_data(source: str | os.PathLike, tokenizer: Any, *, block_size: int, packing: str, encoder: bool,
                seed: int, val_examples: int) -> TrainData:
@@ -199,6 +274,34 @@ def build_data(source: str | os.PathLike, tokenizer: Any, *, block_size: int, pa
         raise NormswapError(f"unknown packing {packing!r} (use blocks or lines)")
     if len(examples) == 0:
         raise NormswapError(f"data {source} has fewer tokens than one block of {block_size}; use a smaller --block-size or more data")
+    return _split(examples, seed, val_examples)
+
+
+def _split(examples: Examples | SpeechExamples, seed: int, val_examples: int) -> TrainData:
+    """Hold out min(val_examples, a tenth) of the examples, drawn by `seed`."""
     n_val = min(val_examples, len(examples) // 10)
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
     return TrainData(train=examples.subset(perm[n_val:]), val=examples.subset(perm[:n_val]), seed=seed)
+
+
+def build_speech_data(found: Any, model: Any, tokenizer: Any, processor: Any, *, seed: int, val_examples: int,
+                      what: str) -> TrainData:
+    """The utterances of `found` (a `normswap.audio.AudioSet`, read with transcripts) teacher-forced
+    for `model` (`what` names it in errors), each file decoded once up front, split as text is."""
+    from normswap import audio
+    from normswap.evaluation.asr import max_seconds
+    from normswap.log import logger
+    from normswap.samples import _eos_id, decoder_prompt, teacher_forced_ids
+
+    audio.check_lengths(found, max_seconds(processor), what)
+    audio.check_decodable(found, int(processor.feature_extractor.sampling_rate))
+    utts = found.utterances
+    sequences = teacher_forced_ids(model, tokenizer, [u.text for u in utts])
+    prompt = decoder_prompt(model, tokenizer)
+    eos = _eos_id(model, tokenizer)
+    cut = [u.id for u, s in zip(utts, sequences) if s[-1] != eos]
+    if cut:
+        logger.warning("%d transcript(s) are longer than the decoder's %d positions and were cut, e.g. %s",
+                       len(cut), model.config.max_target_positions, cut[0])
+    examples = SpeechExamples(utts, sequences, len(prompt), processor, _pad_id(tokenizer))
+    return _split(examples, seed, val_examples)

@@ -25,7 +25,7 @@ from normswap.log import logger
 from normswap.training.checkpoint import resume_checkpoint, save_checkpoint
 from normswap.training.config import TrainConfig
 from normswap.training.data import Examples, TrainData
-from normswap.training.objectives import Objective
+from normswap.training.objectives import Objective, loss_mask
 from normswap.training.params import param_groups
 from normswap.training.progressive import Schedule, apply_schedule
 from normswap.training.report import TrainLog
@@ -51,6 +51,8 @@ class LoopResult:
     val: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     signal: str | None = None  # what interrupted the run: "SIGINT" or "SIGTERM"
+    audio_seconds: float = 0.0  # speech: seconds of audio trained on (tokens are the labelled decoder tokens)
+    audio_seconds_per_second: float = 0.0
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -142,7 +144,7 @@ def evaluate(model: nn.Module, teacher: nn.Module | None, objective: Objective, 
             batch = _to(objective.prepare(examples.batch(idx), seed=_mix_seed(seed, 7, start)), accelerator.device)
             with accelerator.autocast():
                 loss, parts = objective.loss(model, teacher, batch, with_lm=True)
-            n = float(batch["attention_mask"].sum())
+            n = float(loss_mask(batch).sum())
             totals["val_loss"] = totals.get("val_loss", 0.0) + float(loss) * n
             for k, v in parts.items():
                 totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v * n
@@ -191,13 +193,13 @@ def train_loop(
 
     main = accelerator.is_main_process
     log = TrainLog(out, enabled=main)
-    step, tokens = 0, 0
+    step, tokens, seconds = 0, 0, 0.0
     resumed_from: Path | None = None
     if resume:  # the newest intact checkpoint: damaged ones are skipped with a warning
         resumed_from, state = resume_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler,
                                                 accelerator=accelerator)
         ckpt = resumed_from
-        step, tokens = int(state["step"]), int(state["tokens"])
+        step, tokens, seconds = int(state["step"]), int(state["tokens"]), float(state.get("audio_seconds", 0.0))
         log.truncate_after(step)
         logger.info("resumed from %s (step %d of %d, %d tokens)", ckpt, step, total_steps, tokens)
 
@@ -208,13 +210,13 @@ def train_loop(
     flag = _StopFlag()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (main and sys.stderr.isatty()))
-    train_seconds, run_tokens, last_loss, val = 0.0, 0, None, {}
+    train_seconds, run_tokens, run_audio, last_loss, val = 0.0, 0, 0.0, None, {}
     last_ckpt: Path | None = resumed_from
     status = "completed"
     run_start = time.perf_counter()
 
     def state_dict() -> dict[str, Any]:
-        return {"step": step, "tokens": tokens, "total_steps": total_steps, "scheduler": scheduler.state_dict(),
+        return {"step": step, "tokens": tokens, "audio_seconds": seconds, "total_steps": total_steps, "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) is not None else None,
                 "config": cfg.to_dict()}
 
@@ -227,7 +229,7 @@ def train_loop(
             if progressive is not None:
                 apply_schedule(accelerator.unwrap_model(model), progressive[0], progressive[1], step)
             t0 = time.perf_counter()
-            step_loss, parts_sum, step_tokens = _accumulate_gradients(model, teacher, objective, data, step, cfg, accelerator)
+            step_loss, parts_sum, step_tokens, step_audio = _accumulate_gradients(model, teacher, objective, data, step, cfg, accelerator)
             if not math.isfinite(step_loss):
                 _diverged("loss", step_loss, step + 1, last_ckpt, bar, cfg.lr)
             grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.clip)) if cfg.clip > 0 else float("nan")
@@ -239,20 +241,24 @@ def train_loop(
             step += 1
             tokens += step_tokens
             run_tokens += step_tokens
+            seconds += step_audio
+            run_audio += step_audio
             train_seconds += time.perf_counter() - t0
             last_loss = step_loss
-            tps = run_tokens / max(train_seconds, 1e-9)
+            tps, aps = run_tokens / max(train_seconds, 1e-9), run_audio / max(train_seconds, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", **({"audio_s_s": f"{aps:,.1f}"} if data.speech else {"tok_s": f"{tps:,.0f}"}))
             info = {"kind": "train", "step": step, "tokens": tokens, "loss": step_loss,
                     **{f"loss_{k}": v for k, v in parts_sum.items()}, "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": train_seconds}
+                    "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": train_seconds,
+                    **({"audio_seconds": seconds, "audio_seconds_per_s": aps} if data.speech else {})}
             if step % cfg.log_every == 0 or step == total_steps:
                 log.write(info)
                 if main and not sys.stderr.isatty():
                     eta = (total_steps - step) * train_seconds / max(1, step - start_step)
-                    logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", step, total_steps, step_loss,
-                                info["lr"], tps, eta)
+                    rate = f"{aps:.1f} audio s/s" if data.speech else f"{tps:.0f} tok/s"
+                    logger.info("step %d/%d loss %.4f lr %.2e %s eta %.0fs", step, total_steps, step_loss,
+                                info["lr"], rate, eta)
             if step % eval_every == 0 or step == total_steps:
                 val = evaluate(model, teacher, objective, data.val, bs, accelerator, data.seed)
                 if val:
@@ -283,22 +289,25 @@ def train_loop(
     bar.close()
     return LoopResult(status=status, step=step, total_steps=total_steps, tokens=tokens, train_seconds=train_seconds,
                       tokens_per_second=run_tokens / max(train_seconds, 1e-9), last_loss=last_loss, val=val,
-                      checkpoint=str(last_ckpt) if last_ckpt else None, signal=flag.signal if status == "interrupted" else None)
+                      checkpoint=str(last_ckpt) if last_ckpt else None, signal=flag.signal if status == "interrupted" else None,
+                      audio_seconds=seconds, audio_seconds_per_second=run_audio / max(train_seconds, 1e-9))
 
 
 def _accumulate_gradients(model: nn.Module, teacher: nn.Module | None, objective: Objective, data: TrainData, step: int,
-                          cfg: TrainConfig, accelerator: Any) -> tuple[float, dict[str, float], int]:
+                          cfg: TrainConfig, accelerator: Any) -> tuple[float, dict[str, float], int, float]:
     """Forward and backward over the micro-batches of one optimizer step.
 
     Each process takes its own slice of the global batch, a pure function of (step, micro-step,
     rank): that is what makes the data position resumable without a sampler state. Returns the
-    mean loss (over micro-batches and processes), its parts, and the tokens seen by all processes.
+    mean loss (over micro-batches and processes), its parts, and the tokens (and seconds of audio)
+    seen by all processes.
     """
     nproc, rank, bs, accum = accelerator.num_processes, accelerator.process_index, cfg.batch_size, cfg.grad_accum
-    loss_sum, parts_sum, n_tokens = 0.0, {}, 0
+    loss_sum, parts_sum, n_tokens, n_seconds = 0.0, {}, 0, 0.0
     for micro in range(accum):
         pos = ((step * accum + micro) * nproc + rank) * bs
-        batch = data.train.batch(data.indices(pos, bs))
+        index = data.indices(pos, bs)
+        batch = data.train.batch(index)
         batch = _to(objective.prepare(batch, seed=_mix_seed(data.seed, step, micro, rank)), accelerator.device)
         with accelerator.no_sync(model) if micro < accum - 1 else _null():  # sync gradients once per step
             with accelerator.autocast():
@@ -307,12 +316,12 @@ def _accumulate_gradients(model: nn.Module, teacher: nn.Module | None, objective
         loss_sum += float(loss.detach()) / accum
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
-        n_tokens += int(batch["attention_mask"].sum())
-    totals = torch.tensor([loss_sum, float(n_tokens)], device=accelerator.device)
+        n_tokens += int(loss_mask(batch).sum())
+        n_seconds += data.train.seconds(index)
     if nproc > 1:
-        totals = accelerator.reduce(totals, "sum")
-        totals[0] /= nproc
-    return float(totals[0]), parts_sum, int(totals[1])
+        totals = accelerator.reduce(torch.tensor([loss_sum, float(n_tokens), n_seconds], device=accelerator.device, dtype=torch.float64), "sum")
+        loss_sum, n_tokens, n_seconds = float(totals[0]) / nproc, int(totals[1]), float(totals[2])
+    return loss_sum, parts_sum, n_tokens, n_seconds
 
 
 @contextmanager

@@ -1,11 +1,15 @@
 """Training objectives: language-model loss, distillation from the original model, and mixtures.
 
 - `lm`: next-token cross-entropy for causal LMs, masked-token cross-entropy (seeded 15% mask) for
-  masked LMs. An encoder without an LM head has no LM loss.
+  masked LMs, cross-entropy on the teacher-forced transcript for speech encoder-decoders
+  (Whisper). An encoder without an LM head has no LM loss.
 - `distill`: KL(teacher || student) of the output distributions at temperature T (scaled by T^2 so
   its gradient does not shrink with T), plus, with `hidden_weight`, the relative MSE between hidden
   states layer by layer. An encoder without a head has no logits: its distillation is the relative
-  MSE of the hidden states and of the mean-pooled sentence embedding.
+  MSE of the hidden states and of the mean-pooled sentence embedding. A speech encoder-decoder is
+  distilled on its teacher-forced decoder logits (the labelled positions: transcript and eos, not
+  padding, not the forced prompt); its hidden-state term compares the audio encoder's layers over
+  every frame (the decoder cross-attends to all of them, padding included).
 
 Hidden states of a Pre-LN conversion live in a centred residual stream (the writers were centred),
 while the teacher's stream has a per-token mean: they are compared after centring, and the last
@@ -46,15 +50,18 @@ def parse_objective(spec: str) -> dict[str, float]:
 
 
 def model_kind(model: nn.Module) -> str:
-    """"causal", "masked" or "encoder" (no LM head), from the model class."""
+    """"causal", "masked", "speech" (a speech-recognition encoder-decoder) or "encoder" (no LM
+    head), from the model class."""
     from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
 
     name = type(model).__name__
     if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         return "causal"
     if name in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()):
         return "masked"
+    if name in set(MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values()):
+        return "speech"
     return "encoder"
 
 
@@ -113,12 +120,12 @@ class Objective:
         With `with_lm`, the LM loss is reported even when its weight is 0 (validation of a distilled
         LM reports its perplexity too).
         """
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = self.model_inputs(batch)
         s_out = student(**inputs, output_hidden_states=self.needs_hidden)
         if self.kind == "encoder" and self.needs_teacher and self.pooled_weight > 0 and getattr(s_out, "last_hidden_state", None) is None:
             raise NormswapError("the student returns neither logits nor hidden states")
         parts: dict[str, torch.Tensor] = {}
-        has_lm_labels = self.kind == "causal" or (self.kind == "masked" and "labels" in batch)
+        has_lm_labels = self.kind in ("causal", "speech") or (self.kind == "masked" and "labels" in batch)
         if self.weights.get("lm", 0) > 0 or (with_lm and has_lm_labels):
             parts["lm"] = lm_loss(s_out.logits, batch, self.kind)
         if self.needs_teacher:
@@ -126,24 +133,43 @@ class Objective:
                 raise NormswapError("the distill objective needs --teacher")
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=self.needs_hidden)
-            parts["distill"] = self._distill(s_out, t_out, batch["attention_mask"])
+            parts["distill"] = self._distill(s_out, t_out, loss_mask(batch))
         total = sum(self.weights.get(k, 0.0) * v for k, v in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What the model is called with (speech: features and teacher-forced decoder ids, no cache)."""
+        if self.kind == "speech":
+            return {"input_features": batch["input_features"], "decoder_input_ids": batch["decoder_input_ids"], "use_cache": False}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def _distill(self, s_out: Any, t_out: Any, mask: torch.Tensor) -> torch.Tensor:
         terms = []
         if self.kind != "encoder":
             terms.append(kl_loss(s_out.logits, t_out.logits, mask, self.temperature))
         if self.needs_hidden:
-            terms.append(self.hidden_weight * hidden_mse(s_out.hidden_states, t_out.hidden_states, mask, center=self.center_hidden))
+            if self.kind == "speech":  # the audio encoder, every frame
+                pair, h_mask = (s_out.encoder_hidden_states, t_out.encoder_hidden_states), None
+            else:
+                pair, h_mask = (s_out.hidden_states, t_out.hidden_states), mask
+            terms.append(self.hidden_weight * hidden_mse(*pair, h_mask, center=self.center_hidden))
         if self.kind == "encoder" and self.pooled_weight > 0:
             terms.append(self.pooled_weight * relative_mse(mean_pool(s_out.last_hidden_state, mask),
                                                           mean_pool(t_out.last_hidden_state, mask)))
         return sum(terms)
 
 
+def loss_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions a loss counts: the attention mask of text, the labelled decoder positions of
+    speech (label -100: padding and the forced prompt)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"]
+    return (batch["labels"] != -100).long()
+
+
 def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """Next-token CE (causal, padding ignored) or CE on the masked positions (masked)."""
+    """Next-token CE (causal, padding ignored) or CE on the labelled positions (masked: the masked
+    tokens; speech: the teacher-forced transcript's next tokens)."""
     if kind == "causal":
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -172,7 +198,8 @@ def relative_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = N
     return d.sum() / n.sum().clamp_min(1e-12)
 
 
-def hidden_mse(s_hidden: tuple[torch.Tensor, ...], t_hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, *, center: bool) -> torch.Tensor:
+def hidden_mse(s_hidden: tuple[torch.Tensor, ...], t_hidden: tuple[torch.Tensor, ...], mask: torch.Tensor | None, *,
+               center: bool) -> torch.Tensor:
     """Mean over layers of the relative MSE between hidden states (centred for Pre-LN conversions)."""
     if len(s_hidden) != len(t_hidden):
         raise NormswapError(f"hidden-state distillation needs as many layers in student and teacher ({len(s_hidden)} vs {len(t_hidden)})")

@@ -113,3 +113,15 @@ def make_tiny_pair(root: Path, kind: str = "causal", seed: int = 0, shuffled_voc
     record = _dyt_swap(student, style)
     normswap.save(student, s_path, record, tokenizer=tok)
     return t_path, s_path
+
+
+def dyt_student(teacher: Path, out: Path, style: str = "pre") -> Path:
+    """The model of the `teacher` folder with every LayerNorm a DyT (as `make_tiny_pair` builds its
+    students), saved to `out` as a normswap checkpoint with the teacher's auxiliary files
+    (tokenizer, processor, generation config): a student for any architecture, e.g. a tiny Whisper."""
+    import normswap
+    from normswap.loading import load_pretrained
+
+    model = load_pretrained(str(teacher))
+    normswap.save(model, out, _dyt_swap(model, style), copy_from=teacher)
+    return out
