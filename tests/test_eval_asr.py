@@ -507,3 +507,16 @@ def test_real_whisper_tiny_en_on_all_130_utterances(tmp_path, monkeypatch, capsy
     assert res["utterances"] == 130 and res["words"] >= 4100
     assert 0.02 < res["wer"] < 0.07, res["wer"]
     assert set(res["subsets"]) == {"test-clean", "dev-clean", "train-clean-100 (mini train-clean-5)"}
+
+
+def test_asr_groups_report_unions_of_subsets_and_refuse_unknown_members(env, monkeypatch, capsys, one_thread):
+    train = "train-clean-100 (mini train-clean-5)"
+    code, stdout, err = run_cli(["eval", env["model"], "--asr", env["data"], "--asr-groups", f"test-clean+{train}",
+                                 "--format", "json"], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads(stdout)["asr"]
+    group = res["subsets"][f"test-clean+{train}"]
+    # the union of the folder's two subsets is every utterance: the group's row is the overall one
+    assert group["errors"] == res["errors"] and group["words"] == res["words"] and group["utterances"] == 3
+    code, _, err = run_cli(["eval", env["model"], "--asr", env["data"], "--asr-groups", "test-clean+dev-clean"], monkeypatch, capsys)
+    refused(code, err, "no subset 'dev-clean'")

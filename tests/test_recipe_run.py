@@ -111,3 +111,35 @@ def test_quickstart_recipe_end_to_end(tmp_path, standin_path, minilm_path):
     assert sts["original"] == pytest.approx(0.8667, abs=1e-3) and sts["recovered"] > sts["converted"]
     assert (tmp_path / "quickstart" / "report.md").is_file()
     print(f"quickstart wall time {wall:.0f} s")
+
+
+def test_whisper_recipe_runs_convert_distil_and_wer_on_a_tiny_whisper(tmp_path):
+    """recipes/whisper-tiny-dyt.yaml as shipped, pointed at a tiny random Whisper (the real
+    processor files) and three real utterances: calibration on the train subset, distillation on
+    it, WER on all and on the test-clean+dev-clean group, audio seconds in the report."""
+    from normswap.assets import asset
+    from normswap.recipes import find_recipe
+
+    if not (asset("whisper-tiny.en").is_dir() and asset("librispeech-subset").is_dir()):
+        pytest.skip("whisper-tiny.en / librispeech-subset assets missing")
+    from test_eval_asr import IDS, speech_folder, tiny_whisper
+
+    ids = dict(IDS, **{"1988-24833-0001": "dev-clean"})
+    model, data = tiny_whisper(tmp_path / "whisper"), speech_folder(tmp_path / "speech", ids)
+    overrides = [f"model={model}", f"convert.calib_audio={data}", "convert.calib_tokens=512", f"finetune.audio={data}",
+                 "finetune.steps=2", "finetune.batch_size=1", "finetune.val_examples=1", f"eval.asr.data={data}"]
+    res = run_recipe(load_recipe(find_recipe("whisper-tiny-dyt"), overrides), output_dir=tmp_path / "runs")
+    job = res["jobs"][0]
+    summary = _stages(tmp_path / "runs" / "whisper-tiny-dyt", "whisper-tiny-dyt")
+    assert summary["convert"]["summary"]["target"] == "dyt" and summary["convert"]["summary"]["max_rel_diff"] is not None
+    ft = summary["finetune"]["summary"]
+    assert ft["steps"] == 2 and ft["audio_seconds"] > 0
+    metrics = job["metrics"]
+    assert {"asr_wer", "asr_wer_test-clean+dev-clean"} <= set(metrics)
+    saved = json.loads((tmp_path / "runs" / "whisper-tiny-dyt" / "whisper-tiny-dyt" / "eval" / "converted" / "results.json").read_text())
+    asr = saved["results"]["asr"]
+    group, parts = asr["subsets"]["test-clean+dev-clean"], [asr["subsets"]["test-clean"], asr["subsets"]["dev-clean"]]
+    assert group["utterances"] == 2 and group["errors"] == sum(p["errors"] for p in parts)
+    assert group["wer"] == pytest.approx(sum(p["errors"] for p in parts) / sum(p["words"] for p in parts))
+    report = (tmp_path / "runs" / "whisper-tiny-dyt" / "report.md").read_text()
+    assert "s of audio" in report and "test-clean+dev-clean" in report

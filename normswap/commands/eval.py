@@ -48,6 +48,7 @@ def eval_cmd(
     asr_dir: Optional[str] = typer.Option(None, "--asr", help="Speech encoder-decoders (Whisper): a folder of audio files (flac, wav...) with "
                                           "transcripts.tsv (id<TAB>text) and optionally manifest.tsv (id, subset): greedy WER."),
     asr_subsets: Optional[str] = typer.Option(None, "--asr-subsets", help="ASR: only these comma-separated manifest subsets (e.g. test-clean,dev-clean)."),
+    asr_groups: Optional[str] = typer.Option(None, "--asr-groups", help="ASR: also report unions of subsets, comma-separated, members joined by + (e.g. test-clean+dev-clean)."),
     asr_batch_size: int = typer.Option(16, "--asr-batch-size", help="ASR: utterances transcribed per batch."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png (must not exist unless --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder (once the new results are complete)."),
@@ -60,7 +61,8 @@ def eval_cmd(
         model=model, baseline=baseline, ppl=ppl, max_length=max_length, stride=stride, max_tokens=max_tokens,
         pseudo_ppl=pseudo_ppl, mlm_probability=mlm_probability, mask_seed=mask_seed, sts=sts_file,
         glue=glue_tasks, glue_data=glue_dir, dev_samples=dev_samples, out=out, overwrite=overwrite,
-        asr=asr_dir, asr_subsets=asr_subsets.split(",") if asr_subsets is not None else None, asr_batch_size=asr_batch_size,
+        asr=asr_dir, asr_subsets=asr_subsets.split(",") if asr_subsets is not None else None,
+        asr_groups=[g.strip() for g in asr_groups.split(",") if g.strip()] if asr_groups is not None else None, asr_batch_size=asr_batch_size,
         glue_settings=GlueSettings(train_samples=train_samples, epochs=epochs, lr=lr, batch_size=batch_size,
                                    max_seq_length=max_seq_length, seeds=seeds),
     )

@@ -250,9 +250,12 @@ def transcribe(model: nn.Module, processor: Any, utterances: Sequence[Utterance]
 
 
 def evaluate(hypotheses: dict[str, list[str]], data: AudioSet, normalizer: Callable[[str], str], *,
-             resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+             groups: Sequence[str] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """WER of each role's hypotheses against the folder's references: the results row (overall and
-    per subset, with the paired interval when there is a baseline) and per-utterance records."""
+    per subset, with the paired interval when there is a baseline) and per-utterance records.
+    `groups` adds rows for unions of subsets, each named by its members joined with "+"
+    ("test-clean+dev-clean"), beside the subsets' own (see `check_groups`)."""
     refs = [u.text or "" for u in data.utterances]
     refs_norm = [normalizer(r) for r in refs]
     norm = {role: [normalizer(h) for h in hyps] for role, hyps in hypotheses.items()}
@@ -261,6 +264,9 @@ def evaluate(hypotheses: dict[str, list[str]], data: AudioSet, normalizer: Calla
     subsets = data.subsets
     if subsets:
         row["subsets"] = {s: _row(rows, [i for i, u in enumerate(data.utterances) if u.subset == s], resamples, seed) for s in subsets}
+        for g in check_groups(groups, data):
+            members = set(g.split("+"))
+            row["subsets"][g] = _row(rows, [i for i, u in enumerate(data.utterances) if u.subset in members], resamples, seed)
     if "baseline" in hypotheses:  # transcripts equal character for character (an exact conversion's test)
         row["identical_transcripts"] = sum(h == g for h, g in zip(hypotheses["converted"], hypotheses["baseline"]))
     row.update(normalizer="whisper-english", decoding="greedy, no timestamps", seconds_of_audio=round(data.seconds, 3),
@@ -274,6 +280,18 @@ def evaluate(hypotheses: dict[str, list[str]], data: AudioSet, normalizer: Calla
                          "substitutions": r.substitutions, "deletions": r.deletions, "insertions": r.insertions, "errors": r.errors}
         per_utt.append(rec)
     return row, per_utt
+
+
+def check_groups(groups: Sequence[str], data: AudioSet) -> list[str]:
+    """The groups ("a+b" unions of the folder's subsets) as given, each member checked: one line
+    naming the first that the manifest (after any subset selection) does not have."""
+    known = data.subsets
+    for g in groups:
+        for member in g.split("+"):
+            if member not in known:
+                have = ", ".join(map(repr, known)) if known else "none (no manifest.tsv)"
+                raise NormswapError(f"--asr-groups {g!r}: no subset {member!r} in {data.root}; its subsets are {have}")
+    return list(groups)
 
 
 def _row(rows: dict[str, list[WordErrors]], idx: Sequence[int], resamples: int, seed: int) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class EvalRequest:
     dev_samples: int | None = None  # score a fixed subset of dev (budget runs); None: all of dev
     asr: str | None = None  # folder of audio files with transcripts.tsv (and manifest.tsv): WER
     asr_subsets: list[str] | None = None  # only these manifest subsets (e.g. test-clean); None: every utterance
+    asr_groups: list[str] | None = None  # unions of subsets reported beside them ("test-clean+dev-clean")
     asr_batch_size: int = 16
     asr_resamples: int = 1000  # paired bootstrap of the WER difference (asr.BOOTSTRAP_RESAMPLES)
     asr_seed: int = 0  # its seed (asr.BOOTSTRAP_SEED)
@@ -112,6 +113,8 @@ def _check_options(req: EvalRequest) -> None:
     at_least(req.asr_resamples, 1, "the number of bootstrap resamples")
     if req.asr_subsets is not None and not req.asr:
         raise NormswapError("--asr-subsets needs --asr DIR")
+    if req.asr_groups is not None and not req.asr:
+        raise NormswapError("--asr-groups needs --asr DIR")
     if req.asr_subsets is not None and not [s for s in req.asr_subsets if s.strip()]:
         raise NormswapError("--asr-subsets is empty: give subset names from the folder's manifest.tsv, e.g. test-clean,dev-clean")
     if req.max_length is not None and req.stride is not None and req.stride > req.max_length:
@@ -368,6 +371,7 @@ def _validate_asr(req: EvalRequest) -> AsrInputs:
 
     subsets = [s.strip() for s in req.asr_subsets if s.strip()] if req.asr_subsets else None
     data = audio.read_audio_folder(req.asr, subsets=subsets)
+    asr_eval.check_groups(req.asr_groups or (), data)  # before any model is loaded
     processors = {}
     for role, path in _models(req):
         asr_eval.speech_architecture(path)
@@ -401,7 +405,8 @@ def run_asr(req: EvalRequest, speech: AsrInputs, out: Path | None) -> dict[str, 
         hyps[role] = asr_eval.transcribe(model, speech.processors[role], speech.data.utterances, batch_size=req.asr_batch_size,
                                     progress=req.progress, name=path)
         del model
-    row, per_utt = asr_eval.evaluate(hyps, speech.data, speech.normalizer, resamples=req.asr_resamples, seed=req.asr_seed)
+    row, per_utt = asr_eval.evaluate(hyps, speech.data, speech.normalizer, resamples=req.asr_resamples, seed=req.asr_seed,
+                                     groups=req.asr_groups or ())
     row["data"] = str(req.asr)
     if out is not None:
         header, rows = asr_eval.predictions_table(per_utt, list(hyps))

@@ -121,9 +121,10 @@ def check_inputs(recipe: Recipe, lines: dict[tuple, int] | None = None) -> None:
         prefixes = [("runs", i), ()] if multi else [()]
         checks: list[tuple[tuple, str | None, str]] = [(("model",), job.model, "dir")]
         if job.convert:
-            checks += [(("convert", "calib_text"), job.convert.calib_text, "file"), (("convert", "verify_text"), job.convert.verify_text, "file")]
+            checks += [(("convert", "calib_text"), job.convert.calib_text, "file"), (("convert", "verify_text"), job.convert.verify_text, "file"),
+                       (("convert", "calib_audio"), job.convert.calib_audio, "dir"), (("convert", "verify_audio"), job.convert.verify_audio, "dir")]
         if job.finetune:
-            checks += [(("finetune", "data"), job.finetune.data, "any")]
+            checks += [(("finetune", "data"), job.finetune.data, "any"), (("finetune", "audio"), job.finetune.audio, "dir")]
             if job.finetune.teacher not in (None, "original"):
                 checks.append((("finetune", "teacher"), job.finetune.teacher, "dir"))
         if job.eval:

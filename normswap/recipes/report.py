@@ -173,7 +173,9 @@ def write_report(recipe: Recipe, run_dir: Path, results: dict[str, Any]) -> Path
             val = f.get("val") or {}
             vl = f", validation loss {val['val_loss']:.4g}" if val.get("val_loss") is not None else ""
             md.append(f"- finetune: {f['objective']}" + (f" from `{f['teacher']}`" if f.get("teacher") else "") +
-                      f", {f['steps']}/{f['total_steps']} steps, {f['tokens']} tokens, {f['train_seconds']} s "
+                      f", {f['steps']}/{f['total_steps']} steps, {f['tokens']} tokens"
+                      + (f", {f['audio_seconds']} s of audio" if f.get("audio_seconds") is not None else "")
+                      + f", {f['train_seconds']} s "
                       f"({f['tokens_per_second']} tokens/s), last loss {_num(f.get('last_loss'))}{vl} ({f['status']}) → `{j['models'].get('recovered')}`")
             if f.get("loss_curve"):
                 rel = Path(f["loss_curve"]).resolve()

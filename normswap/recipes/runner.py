@@ -248,7 +248,8 @@ def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
         calib_text=read_text(c.calib_text) if c.calib_text else None, calib_tokens=c.calib_tokens,
         sequential=c.sequential, alpha_init=c.alpha_init, verify=c.verify,
         verify_text=read_text(c.verify_text) if c.verify_text else None, revision=c.revision,
-        trust_remote_code=c.trust_remote_code, dtype=c.dtype,
+        trust_remote_code=c.trust_remote_code, dtype=c.dtype, calib_audio=c.calib_audio, verify_audio=c.verify_audio,
+        calib_audio_subsets=c.calib_audio_subsets,
     )
     save(model, out, result.record, tokenizer=result.tokenizer, copy_from=job.model if Path(job.model).is_dir() else None,
          overwrite=True)
@@ -274,15 +275,16 @@ def _finetune(job: Job, student: str, out: Path, *, force: bool, progress: bool 
         teacher = job.model if f.teacher == "original" else f.teacher
     resume = not force and resumable(out)
     logger.info("job %s: finetune %s (%s%s) on %s%s", job.name, student, cfg.objective,
-                f", teacher {teacher}" if teacher else "", f.data, ", resuming" if resume else "")
+                f", teacher {teacher}" if teacher else "", f.data or f.audio, ", resuming" if resume else "")
+    source = {"data": f.data} if f.data is not None else {"audio": f.audio, "audio_subsets": f.audio_subsets}
     result = None
     if resume:
         try:
-            result = finetune(student, data=f.data, out=out, teacher=teacher, config=cfg, resume=True)
+            result = finetune(student, **source, out=out, teacher=teacher, config=cfg, resume=True)
         except NormswapError as err:
             logger.info("job %s: cannot resume (%s); starting over", job.name, err)
     if result is None:
-        result = finetune(student, data=f.data, out=out, teacher=teacher, config=cfg, overwrite=True)
+        result = finetune(student, **source, out=out, teacher=teacher, config=cfg, overwrite=True)
     if result.status == "interrupted":
         import signal
 
@@ -293,6 +295,8 @@ def _finetune(job: Job, student: str, out: Path, *, force: bool, progress: bool 
     return {"objective": cfg.objective, "teacher": teacher, "status": result.status, "steps": result.step,
             "total_steps": result.total_steps, "tokens": result.tokens, "train_seconds": round(result.train_seconds, 1),
             "tokens_per_second": round(result.tokens_per_second, 1), "last_loss": result.last_loss, "val": result.val,
+            **({"audio_seconds": round(result.audio_seconds, 1), "audio_seconds_per_second": round(result.audio_seconds_per_second, 2)}
+               if f.audio is not None else {}),
             "loss_curve": str(out / "loss_curve.png") if (out / "loss_curve.png").is_file() else None}
 
 
@@ -337,5 +341,5 @@ def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) 
                                          max_seq_length=g.max_seq_length, seeds=g.seeds, warmup_ratio=g.warmup_ratio,
                                          weight_decay=g.weight_decay, data_seed=g.data_seed)
     if e.asr:
-        req.asr, req.asr_subsets, req.asr_batch_size = e.asr.data, e.asr.subsets, e.asr.batch_size
+        req.asr, req.asr_subsets, req.asr_batch_size, req.asr_groups = e.asr.data, e.asr.subsets, e.asr.batch_size, e.asr.groups
     return req

@@ -54,21 +54,45 @@ class ConvertStage(_Strict):
     fold: bool = True
     tied_head: Literal["auto", "center-embed", "untie"] = "auto"
     calib_text: Optional[str] = None
+    calib_audio: Optional[str] = None  # speech models: a folder of audio files (normswap.audio)
+    calib_audio_subsets: Optional[list[str]] = Field(None, min_length=1)
     calib_tokens: int = Field(4096, gt=0)
     sequential: bool = True
     alpha_init: Optional[float] = None
     verify: bool = True
     verify_text: Optional[str] = None
+    verify_audio: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
+    @field_validator("calib_audio_subsets", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
 
 class _FinetuneBase(_Strict):
-    """`normswap finetune` settings: the data, the teacher, and every field of TrainConfig."""
+    """`normswap finetune` settings: the data (text, or `audio` for speech models), the teacher,
+    and every field of TrainConfig."""
 
-    data: str
+    data: Optional[str] = None
+    audio: Optional[str] = None  # speech models: a folder of audio files with transcripts
+    audio_subsets: Optional[list[str]] = Field(None, min_length=1)
     teacher: Optional[str] = "original"  # "original": the job's source model; null: no teacher
+
+    @field_validator("audio_subsets", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "_FinetuneBase":
+        if (self.data is None) == (self.audio is None):
+            raise ValueError("give exactly one of data (text) and audio (a speech folder)")
+        if self.audio_subsets is not None and self.audio is None:
+            raise ValueError("audio_subsets needs audio")
+        return self
 
     @field_validator("tokens", "steps", mode="before", check_fields=False)
     @classmethod
@@ -133,9 +157,10 @@ class AsrEval(_Strict):
 
     data: str
     subsets: Optional[list[str]] = Field(None, min_length=1)
+    groups: Optional[list[str]] = Field(None, min_length=1)  # unions of subsets: "test-clean+dev-clean"
     batch_size: int = Field(16, ge=1)
 
-    @field_validator("subsets", mode="before")
+    @field_validator("subsets", "groups", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
@@ -443,7 +468,8 @@ def line_of(lines: dict[tuple, int], prefixes: list[tuple], loc: tuple) -> int |
 # --------------------------------------------------------------------------------------- variables
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
-PATH_KEYS = {("model",), ("convert", "calib_text"), ("convert", "verify_text"), ("finetune", "data"),
+PATH_KEYS = {("model",), ("convert", "calib_text"), ("convert", "verify_text"), ("convert", "calib_audio"),
+             ("convert", "verify_audio"), ("finetune", "data"), ("finetune", "audio"),
              ("finetune", "teacher"), ("eval", "ppl", "data"), ("eval", "sts", "data"), ("eval", "glue", "data"),
              ("eval", "asr", "data")}
 
