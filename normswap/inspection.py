@@ -37,6 +37,7 @@ class InspectReport:
     embed_writers: list[str]
     other_norms: list[str]
     reader_check: dict[str, list[str]] = field(default_factory=dict)  # site -> readers that did not match
+    centred_inputs: list[str] = field(default_factory=list)  # blocks whose input convert centres explicitly
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,4 +74,5 @@ def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = Fa
         family=plan.family.model_type if plan.family else None, style=plan.style,
         tied_head=plan.tied_embedding, parameters=sum(p.numel() for p in model.parameters()),
         sites=sites, writers=plan.writers, embed_writers=plan.embed_writers, other_norms=plan.other_norms, reader_check=bad,
+        centred_inputs=plan.centred_inputs,
     )

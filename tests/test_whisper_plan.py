@@ -171,3 +171,18 @@ def test_real_whisper_tiny_rmsnorm_fold_is_exact_on_real_speech(tmp_path):
     model, result = convert_model(str(WHISPER), "rmsnorm", fold=True, dtype="float32")
     assert result.record.exact
     assert _rel(_logits(original, x), _logits(model, x)) <= 1e-5
+
+
+def test_inspect_promises_what_convert_delivers(tmp_path, whisper, monkeypatch, capsys):
+    from cli_util import run_cli
+
+    src = tmp_path / "src"
+    whisper.save_pretrained(src)
+    code, stdout, err = run_cli(["inspect", str(src), "--format", "json"], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["family"] == "whisper" and report["reader_check_passed"] and report["centred_inputs"] == [f"{ENC}.layers.0"]
+    _, result = convert_model(str(src), "rmsnorm", fold=True)
+    delivered = {s.path: (s.exact, s.folded) for s in result.record.sites}
+    promised = {s["path"]: (s["rmsnorm"] == "exact", s["fold"] == "yes") for s in report["sites"]}
+    assert promised == delivered

@@ -30,6 +30,8 @@ def inspect_cmd(
     typer.echo(f"placement   {style}")
     typer.echo(f"tied head   {'yes, shares ' + report.tied_head if report.tied_head else 'no'}")
     typer.echo(f"writers     {len(report.embed_writers)} embeddings + {len(report.writers)} sublayer outputs")
+    for path in report.centred_inputs:
+        typer.echo(f"centring    {path}: its input is centred by one explicit mean subtraction (no weight can centre it)")
     check = "passed" if not report.reader_check else f"FAILED at {', '.join(report.reader_check)}"
     typer.echo(f"hook check  {check if report.family else 'skipped'}")
     typer.echo("")
