@@ -347,6 +347,8 @@ def _stand_in_warnings(model: nn.Module, tokenizer: Any, batches: list[dict[str,
     if is_speech(model) and audio is None:
         option = "--calib-audio" if what == "calibration" else "--verify-audio"
         return [f"{what} used random features and decoder ids (no {option} given): the deviation is measured on noise, not speech"]
+    if bool(batches) and "pixel_values" in batches[0]:
+        return [f"{what} used seeded random images (normswap reads no image data yet): the deviation is measured on noise, not images"]
     if tokenizer is None and bool(batches) and "input_ids" in batches[0]:
         if what == "calibration":
             return ["calibration used random token ids: the model has no tokenizer (give its folder tokenizer files for a fit on real text)"]

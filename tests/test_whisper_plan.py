@@ -186,3 +186,11 @@ def test_inspect_promises_what_convert_delivers(tmp_path, whisper, monkeypatch, 
     delivered = {s.path: (s.exact, s.folded) for s in result.record.sites}
     promised = {s["path"]: (s["rmsnorm"] == "exact", s["fold"] == "yes") for s in report["sites"]}
     assert promised == delivered
+
+
+def test_approximate_conversions_say_when_noise_stood_in_for_data():
+    """ViT (no image-data option) and a speech model without --verify-audio are measured on seeded
+    noise: the result says so instead of passing the figure off as measured on data."""
+    for name, needle in (("vit", "random images"), ("whisper", "random features")):
+        _, result = convert_model(tiny_model(name), "dyt", alpha_init=0.5)
+        assert result.verification is not None and any(needle in w for w in result.warnings), (name, result.warnings)
