@@ -1,34 +1,43 @@
 """Issue 12, item 5: where DyT calibration loses SmolLM2-135M-Instruct (a 30-layer Llama).
 
-Measures, on the fetch.sh folder of SmolLM2-135M-Instruct (../shared/assets/smollm2-135m-instruct):
+Results and their reading: docs/dyt-on-llama.md. Measures, on the fetch.sh folder of
+SmolLM2-135M-Instruct (../shared/assets/smollm2-135m-instruct):
 
-- `stats`: per-token residual RMS by layer on the evaluation text (first / attention-sink token
-  and the largest other tokens against the median, the channel that carries them);
-- `sites`: per-site DyT fit error by depth, sequential vs parallel calibration, and where it comes
-  from: the sink token (position 0 of each block) against the other tokens, in the fit and on
-  held-out evaluation text; the error a site passes on to its sub-layer (attention, SwiGLU MLP);
-  the floor left if the per-token scale were known (fit on x / rms(x)); per-channel alpha;
-- `ppl`, `ppl-parts`, `ppl-fits`: WikiText-2 raw test perplexity (first `--max-tokens` tokens,
-  non-overlapping 1,024-token blocks, as in assets/README.md) of DyT variants: all sites, the sink
-  token handled by the exact RMSNorm, the final norm kept, only attention / only MLP norms,
-  groups of layers, per-channel alpha, other calibration text;
-- `library`: `normswap.convert(..., "dyt")` with its defaults, to check that this script's
-  layer-by-layer calibration reproduces the library's (alphas, fit errors, perplexity).
+- `stats`: per-token residual RMS entering every norm on evaluation text (the first /
+  attention-sink token and the largest other tokens against the median, the channel that carries
+  them, which tokens are massive);
+- `sites`: per-site DyT fit error by depth and site kind, sequential vs parallel calibration, and
+  where it comes from: the sink token (position 0 of each block), other massive tokens and the
+  ordinary ones (their error and share of the squared error); the floor left if the per-token
+  scale were known (fit on x / rms(x)); the error a site passes on to its sub-layer (attention,
+  SwiGLU MLP); and on held-out evaluation text, how the converted model's residual stream drifts
+  from the original's, layer by layer (and whether it still builds the sink's massive activation);
+- `ppl` (on `--max-tokens`) and `ppl-sink`, `ppl-parts`, `ppl-massive`, ... (on
+  `--ablation-tokens`, each with the original and the default DyT on the same tokens as
+  references): WikiText-2 raw test perplexity (non-overlapping 1,024-token blocks, as in
+  assets/README.md), top-1 accuracy and the perplexity at the best of a few logit temperatures,
+  of DyT variants (`VARIANTS`; the default `--variants core` is the documented set, `CORE`);
+- `library` (not in the default run, ~7 min): `normswap.convert(..., "dyt")` with its defaults,
+  to check that this script's layer-by-layer calibration reproduces the library's (alphas, fit
+  errors, perplexity).
 
 The calibration here is the library's own fit (`normswap.calibration.fit_dyt`) driven layer by
 layer: the original and the converted model are stepped through the decoder side by side, so a
 sequential calibration costs two forward passes instead of one per site (the library's
 `_capture` reruns the converted prefix for each of the 61 sites). Sequential: each site is fitted
 on the converted prefix's output, targets are the original norm's outputs on the original's
-input, exactly as `normswap.conversion._convert_sites`.
+input, exactly as `normswap.conversion._convert_sites`. "Sink exact" probes send position 0
+(and, for `massive_tokens_exact`, tokens whose top channel is > 8x its ordinary size) through
+the original RMSNorm: diagnostics, not a deployable DyT.
 
-    python scripts/analyse_dyt_llama.py [--sections stats,sites,ppl,ppl-parts,ppl-fits,library]
-        [--threads 1] [--max-tokens 16384] [--out bench-results/dyt_llama_analysis.json]
+    python scripts/analyse_dyt_llama.py            # the documented run, ~16-20 min on one core
+    python scripts/analyse_dyt_llama.py --sections library
+    python scripts/analyse_dyt_llama.py --report   # the markdown tables, and the PNG again
 
-Each section adds its key to the JSON file (results already there from other sections are kept),
-so the sections can be run one at a time. On 2 shared cores with 1 thread: stats ~0.5 min, sites
-~4 min, library ~5 min, each perplexity ~80 s at 16,384 tokens (ppl 6 of them, ppl-parts 8,
-ppl-fits 5).
+Writes bench-results/dyt_llama_analysis.json (each section adds its key; results already there
+from other sections are kept) and the plot bench-results/dyt_llama_analysis.png beside it. On 2
+shared cores with 1 thread: stats ~10 s, sites ~5 min, a perplexity ~95 s at 16,384 tokens and
+~50 s at 8,192, a calibration ~35 s (parallel with its detail ~3 min).
 """
 from __future__ import annotations
 
@@ -53,7 +62,8 @@ from torch import nn  # noqa: E402
 from normswap.assets import asset  # noqa: E402
 from normswap.calibration import fit_dyt  # noqa: E402
 
-SECTIONS = ("stats", "sites", "ppl", "ppl-sink", "ppl-parts", "ppl-layers", "ppl-fits", "ppl-noise", "ppl-calib", "library")
+SECTIONS = ("stats", "sites", "ppl", "ppl-sink", "ppl-parts", "ppl-layers", "ppl-massive", "ppl-fits", "ppl-noise", "ppl-calib",
+            "library")
 DEFAULT_MODEL = Path(os.environ.get("NORMSWAP_CACHE", Path.home() / ".cache" / "normswap-assets")) / "smollm2-135m-instruct"
 BLOCK = 1024  # evaluation block (assets/README.md protocol)
 
@@ -64,12 +74,14 @@ BLOCK = 1024  # evaluation block (assets/README.md protocol)
 class Probe(nn.Module):
     """A replacement for one norm site: DyT `g * tanh(alpha x) + b` (alpha a scalar or per channel),
     with the original norm kept for the first `exact_first` positions of each sequence
-    (`mode="fallback"`), or DyT applied to those positions only (`mode="sink-only"`)."""
+    (`mode="fallback"`), or DyT applied to those positions only (`mode="sink-only"`). With a
+    `massive` (channel, threshold) pair, tokens whose |x[channel]| exceeds the threshold also go
+    through the original norm: a test on one channel, no reduction over the hidden dimension."""
 
     def __init__(self, orig: nn.Module, alpha: torch.Tensor, g: torch.Tensor, b: torch.Tensor, exact_first: int = 0,
-                 mode: str = "fallback"):
+                 mode: str = "fallback", massive: tuple[int, float] | None = None):
         super().__init__()
-        self.orig, self.exact_first, self.mode = orig, exact_first, mode
+        self.orig, self.exact_first, self.mode, self.massive = orig, exact_first, mode, massive
         self.register_buffer("alpha", alpha.float().clone())
         self.register_buffer("g", g.float().clone())
         self.register_buffer("b", b.float().clone())
@@ -78,7 +90,7 @@ class Probe(nn.Module):
         return torch.tanh(self.alpha * x) * self.g + self.b
 
     def with_mode(self, exact_first: int, mode: str = "fallback") -> "Probe":
-        return Probe(self.orig, self.alpha, self.g, self.b, exact_first, mode)
+        return Probe(self.orig, self.alpha, self.g, self.b, exact_first, mode, self.massive)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.exact_first
@@ -89,7 +101,18 @@ class Probe(nn.Module):
         y = self.dyt(x)
         if k:
             y[..., :k, :] = self.orig(x[..., :k, :])
+        if self.massive is not None:
+            big = x[..., self.massive[0]].abs() > self.massive[1]
+            if bool(big.any()):
+                y[big] = self.orig(x[big])
         return y
+
+
+def massive_rule(x: torch.Tensor, not_sink: torch.Tensor, factor: float = 8.0) -> tuple[int, float]:
+    """(channel, threshold) that flags massive tokens at a site: the channel with the largest
+    magnitude over the input, and `factor` times its median magnitude on ordinary tokens."""
+    ch = int(x.abs().amax(0).argmax())
+    return ch, factor * float(x[not_sink, ch].abs().median().clamp_min(1e-6))
 
 
 def fit_scalar(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,26 +309,33 @@ def calibrate(st: Stepper, ids: torch.Tensor, *, sequential: bool = True, fit: s
     for path, i, kind in st.sites():
         norm = st.norm(path)
         y_o = norm(h_o)
+        same = not probes  # no site converted yet: the two streams are the same tensor
         if convert(path, i, kind):
             x_in = h_c if sequential else h_o
             x_fit = x_in.reshape(-1, d)
             yr = (norm(h_c) if target == "local" else y_o).reshape(-1, d)
-            sel = ~fm if rows == "rest" else torch.ones_like(fm)
+            sel = ~fm if rows in ("rest", "normal") else torch.ones_like(fm)
+            massive = None
+            if rows == "normal":  # massive tokens out of the fit, and through the original norm
+                massive = massive_rule(x_fit, ~fm)
+                sel = sel & ~(x_fit[:, massive[0]].abs() > massive[1])
             alpha, g, b = FITS[fit](x_fit[sel], yr[sel])
-            probe = Probe(norm, alpha, g, b, exact_first)
+            probe = Probe(norm, alpha, g, b, exact_first, massive=massive)
             probes[path] = probe
             y_f = probe(x_in).reshape(-1, d)
             y_c = probe(h_c) if not sequential else y_f.reshape(h_c.shape)
             yc_flat = y_c.reshape(-1, d)
             rest_c = (y_f[~fm] - y_f[~fm].mean(0))
             rest_o = (yr[~fm] - yr[~fm].mean(0))
-            rec = {"path": path, "layer": i, "kind": kind,
+            rec = {"path": path, "layer": i, "kind": kind, "fit_rows": int(sel.sum()),
+                   **({"massive_channel": massive[0], "massive_threshold": massive[1]} if massive else {}),
                    "alpha": float(alpha) if alpha.numel() == 1 else {"median": float(alpha.median()), "min": float(alpha.min()), "max": float(alpha.max())},
                    "fit_error": rel(y_f, yr), "fit_error_rest": rel(y_f[~fm], yr[~fm]), "fit_error_sink": rel(y_f[fm], yr[fm]),
                    "fit_sink_share_of_sq_error": float((y_f[fm] - yr[fm]).double().pow(2).sum() / (y_f - yr).double().pow(2).sum().clamp_min(1e-300)),
                    # < 1: the fitted output varies less than the target (least squares on a noisy input shrinks the gain)
                    "output_spread_ratio_rest": math.sqrt(float(rest_c.double().pow(2).sum() / rest_o.double().pow(2).sum())),
-                   "in_situ_error_rest": rel(yc_flat[~fm], yr[~fm]), "in_situ_error_sink": rel(yc_flat[fm], yr[fm])}
+                   "in_situ_error_rest": rel(yc_flat[~fm], yr[~fm]), "in_situ_error_sink": rel(yc_flat[fm], yr[fm]),
+                   **_massive_share(x_fit, y_f, yr, fm)}
             if alpha.numel() == 1:
                 rest_std = float(x_fit[~fm].std())
                 rec["alpha_x_rest_std"] = float(alpha) * rest_std
@@ -323,21 +353,37 @@ def calibrate(st: Stepper, ids: torch.Tensor, *, sequential: bool = True, fit: s
                 rec["known_scale_fit_error_rest"] = fit_dyt(xn, yrr).rel_error
             records.append(rec)
         else:
-            y_c = norm(h_c)
+            y_c = y_o if same else norm(h_c)
         if kind == "final":
             break
         layer = st.body.layers[i]
+        same = same and path not in probes
         if kind == "attn":
             if detail and path in probes:
                 records[-1].update(_transfer_attn(st, layer, norm, probes[path], x_in, ctx, sink))
             h_o = h_o + st.attn(layer, y_o, ctx)
-            h_c = h_c + st.attn(layer, y_c, ctx)
+            h_c = h_o if same else h_c + st.attn(layer, y_c, ctx)
         else:
             if detail and path in probes:
                 records[-1].update(_transfer_mlp(layer, norm, probes[path], x_in, sink))
             h_o = h_o + layer.mlp(y_o)
-            h_c = h_c + layer.mlp(y_c)
+            h_c = h_o if same else h_c + layer.mlp(y_c)
     return probes, records
+
+
+def _massive_share(x: torch.Tensor, y_f: torch.Tensor, y: torch.Tensor, fm: torch.Tensor) -> dict[str, Any]:
+    """The massive-activation tokens at a site (`massive_rule` on the site's input: the sink, and
+    the other tokens whose top channel exceeds 8x its ordinary size), their share of the rows and
+    of the fit's squared error, and the fit error on them and on the ordinary tokens."""
+    ch, thr = massive_rule(x, ~fm)
+    big = (x[:, ch].abs() > thr) & ~fm
+    e2 = (y_f - y).double().pow(2).sum(-1)
+    ordinary = ~big & ~fm
+    return {"massive_channel": ch, "massive_other_rows": int(big.sum()), "massive_other_row_share": float(big.float().mean()),
+            "massive_other_share_of_sq_error": float(e2[big].sum() / e2.sum().clamp_min(1e-300)),
+            "sink_and_massive_share_of_sq_error": float(e2[big | fm].sum() / e2.sum().clamp_min(1e-300)),
+            "fit_error_massive_other": rel(y_f[big], y[big]) if bool(big.any()) else None,
+            "fit_error_ordinary": rel(y_f[ordinary], y[ordinary])}
 
 
 def _transfer_attn(st, layer, norm, probe, x, ctx, sink) -> dict[str, float]:
@@ -389,7 +435,8 @@ def held_out(st: Stepper, ids: torch.Tensor, probes: dict[str, Probe], sink: int
                         "site_error": rel(yc, own), "site_error_rest": rel(yc[~fm], own[~fm]), "site_error_sink": rel(yc[fm], own[fm]),
                         "sink_share_of_sq_site_error": float((yc[fm] - own[fm]).double().pow(2).sum() / (yc - own).double().pow(2).sum().clamp_min(1e-300)),
                         "deviation_rest": rel(yc[~fm], yo[~fm]), "deviation_sink": rel(yc[fm], yo[fm]),
-                        "residual_deviation_rest": rel(h_c.reshape(-1, d)[~fm], h_o.reshape(-1, d)[~fm])})
+                        "residual_deviation_rest": rel(h_c.reshape(-1, d)[~fm], h_o.reshape(-1, d)[~fm]),
+                        **_stream_figures(h_o.reshape(-1, d), h_c.reshape(-1, d), fm)})
         if kind == "final":
             break
         layer = st.body.layers[i]
@@ -398,6 +445,17 @@ def held_out(st: Stepper, ids: torch.Tensor, probes: dict[str, Probe], sink: int
         else:
             h_o, h_c = h_o + layer.mlp(y_o), h_c + layer.mlp(y_c)
     return out
+
+
+def _stream_figures(h_o: torch.Tensor, h_c: torch.Tensor, fm: torch.Tensor) -> dict[str, float]:
+    """Per-token figures of the residual stream entering a site, converted (h_c) against original:
+    the median and largest relative deviation of the non-sink tokens, and the sink's RMS in both
+    (does the converted model still build the sink's massive activation?)."""
+    dev = (h_c - h_o).norm(dim=-1) / h_o.norm(dim=-1).clamp_min(1e-30)
+    rms_o, rms_c = h_o.pow(2).mean(-1).sqrt(), h_c.pow(2).mean(-1).sqrt()
+    return {"token_deviation_rest_median": float(dev[~fm].median()), "token_deviation_rest_max": float(dev[~fm].max()),
+            "sink_rms_original": float(rms_o[fm].mean()), "sink_rms_converted": float(rms_c[fm].mean()),
+            "rest_rms_ratio_median": float((rms_c[~fm] / rms_o[~fm]).median())}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -415,13 +473,48 @@ def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # each costs a log-softmax over [1024, 49152] per block
+
+
+@torch.no_grad()
 def ppl(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
-    from normswap.evaluation.perplexity import causal_perplexity
+    """Perplexity as `normswap.evaluation.perplexity.causal_perplexity` computes it (the same windows
+    and targets; with stride == max_length every token but the first is scored once), plus two
+    figures that a badly calibrated (over- or under-confident) model cannot game: top-1 accuracy and
+    the perplexity at the best of a few logit temperatures (an oracle of one parameter)."""
+    from normswap.evaluation.perplexity import causal_windows, safe_exp
 
     t0 = time.perf_counter()
-    r = causal_perplexity(model, ids, max_length=BLOCK, stride=BLOCK, batch_size=2, progress=False)
-    return {"ppl": r.value, "nll": r.nll, "nll_median": r.nll_median, "nll_p99": r.nll_p99, "scored_tokens": r.tokens,
+    nll_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
+    nlls, correct = [], 0
+    for b, e, first_new in causal_windows(int(ids.numel()), BLOCK, BLOCK):
+        x, y = ids[b:e][None], ids[b + 1:e + 1]
+        logits = model(input_ids=x).logits.float()[0, first_new:]
+        y = y[first_new:]
+        nlls.append(nn.functional.cross_entropy(logits, y, reduction="none").double())
+        correct += int((logits.argmax(-1) == y).sum())
+        for j, t in enumerate(TEMPERATURES):
+            nll_t[j] += nn.functional.cross_entropy(logits / t, y, reduction="sum").double()
+    nll = torch.cat(nlls)
+    n = nll.numel()
+    if not torch.isfinite(nll).all():
+        raise RuntimeError("non-finite token loss")
+    j = int(nll_t.argmin())
+    return {"ppl": safe_exp(float(nll.mean())), "nll": float(nll.mean()), "nll_median": float(nll.median()),
+            "nll_p99": float(torch.quantile(nll.float(), 0.99)), "scored_tokens": n, "top1": correct / n,
+            "best_temperature": TEMPERATURES[j], "ppl_best_temperature": safe_exp(float(nll_t[j]) / n),
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def unigram_ppl(all_ids: torch.Tensor, eval_ids: torch.Tensor) -> dict[str, Any]:
+    """A context-free reference: the unigram distribution of the text outside the evaluation range
+    (add-0.5 smoothing over the vocabulary), scored on the evaluation targets."""
+    vocab = int(max(all_ids.max(), eval_ids.max())) + 1
+    counts = torch.bincount(all_ids[eval_ids.numel() + 1:], minlength=vocab).double() + 0.5
+    logp = (counts / counts.sum()).log()
+    nll = -logp[eval_ids[1:]]
+    return {"ppl": math.exp(float(nll.mean())), "nll": float(nll.mean()), "scored_tokens": int(nll.numel()),
+            "count_tokens": int(all_ids.numel() - eval_ids.numel() - 1)}
 
 
 def summarize(records: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
@@ -451,7 +544,9 @@ class Ctx:
         self.st = Stepper(self.model)
         text = read_text(args.text)
         all_ids = tokenize_text(self.tok, text)
+        self.all_ids = all_ids
         self.eval_ids = all_ids[: args.max_tokens]
+        self.ablation_ids = all_ids[: min(args.ablation_tokens, args.max_tokens)]  # the ppl-* sections but `ppl`
         n_blocks = max(1, min(args.diag_tokens, self.eval_ids.numel() - 1) // BLOCK)
         self.diag_ids = self.eval_ids[: n_blocks * BLOCK].reshape(n_blocks, BLOCK)  # evaluation blocks, for held-out errors
         # the library's default calibration: the built-in sample, 128-token blocks, --calib-tokens 4096
@@ -464,6 +559,7 @@ class Ctx:
         if args.calib_blocks:  # smoke tests
             self.calib = {k: v[: args.calib_blocks] for k, v in self.calib.items()}
         self._cache: dict[str, tuple[dict[str, Probe], list[dict[str, Any]], float]] = {}
+        self._ppl: dict[tuple, dict[str, Any]] = {}
 
     def fitted(self, name: str, calib: str = "sample", **kw) -> tuple[dict[str, Probe], list[dict[str, Any]], float]:
         """The probes of one calibration, computed once per process (`detail` changes the records only)."""
@@ -474,9 +570,14 @@ class Ctx:
             print(f"  calibrated {name}: {len(probes)} sites in {self._cache[name][2]:.0f} s", file=sys.stderr)
         return self._cache[name]
 
-    def variant_ppl(self, probes: dict[str, nn.Module]) -> dict[str, Any]:
-        with self.st.install(probes):
-            return ppl(self.model, self.eval_ids)
+    def variant_ppl(self, probes: dict[str, nn.Module], ids: torch.Tensor) -> dict[str, Any]:
+        """Perplexity with these probes installed; the same probes (object identity) on the same
+        number of tokens are measured once per process (the references of the ablation sections)."""
+        key = (tuple(sorted((k, id(v)) for k, v in probes.items())), int(ids.numel()))
+        if key not in self._ppl:
+            with self.st.install(probes):
+                self._ppl[key] = ppl(self.model, ids)
+        return self._ppl[key]
 
 
 @torch.no_grad()
@@ -485,13 +586,13 @@ def section_stats(c: Ctx) -> dict[str, Any]:
     st, ids = c.st, c.diag_ids
     ctx = st.ctx(ids)
     h = st.body.embed_tokens(ids).float()
-    rows = []
+    rows, massive = [], {}
     for path, i, kind in st.sites():
         r = h.pow(2).mean(-1).sqrt()  # [B, T]
         rest = r[:, 1:].reshape(-1)
         med = float(rest.median())
         ch = h[:, 0].abs().argmax(-1)
-        big = int(h[:, 0].abs().amax(-1).median())
+        big = float(h[:, 0].abs().amax(-1).median())
         chan = int(torch.mode(ch).values)
         c507 = h[:, 1:, chan].reshape(-1)
         share = float((h[:, 1:, chan].pow(2) / h[:, 1:].pow(2).sum(-1)).median())
@@ -505,14 +606,43 @@ def section_stats(c: Ctx) -> dict[str, Any]:
                      "rms_cv_rest": float(rest.std() / rest.mean()),
                      "sink_top_channel": chan, "sink_top_channel_value": big,
                      "top_channel_rest_mean": float(c507.mean()), "top_channel_rest_std": float(c507.std()),
-                     "top_channel_share_of_rest_sq_norm": share})
+                     "top_channel_share_of_rest_sq_norm": share,
+                     "sink_share_of_sq_norm": float(h[:, 0].pow(2).sum() / h.pow(2).sum())})
+        if kind == "attn" and i in MASSIVE_LAYERS:
+            massive[str(i)] = _massive_tokens(c.tok, ids, h, r, med)
         if kind == "final":
             break
         layer = st.body.layers[i]
         y = st.norm(path)(h)
         h = h + (st.attn(layer, y, ctx) if kind == "attn" else layer.mlp(y))
-    # which tokens are the large non-sink ones in the early layers
-    return {"tokens": int(ids.numel()), "blocks": list(ids.shape), "sites": rows}
+    return {"tokens": int(ids.numel()), "blocks": list(ids.shape), "sites": rows, "massive_tokens_at_input_layernorm": massive}
+
+
+MASSIVE_LAYERS = (3, 12, 20, 29)
+
+
+def _massive_tokens(tok, ids: torch.Tensor, h: torch.Tensor, r: torch.Tensor, med: float, factor: float = 4.0) -> dict[str, Any]:
+    """The tokens whose residual RMS exceeds `factor` x the median of the non-sink tokens: how many,
+    at which positions, which token strings, which channel carries them and its value."""
+    big = r > factor * med
+    big_rest = big.clone()
+    big_rest[:, 0] = False
+    b_idx, t_idx = big_rest.nonzero(as_tuple=True)
+    order = r[b_idx, t_idx].argsort(descending=True)
+    tops = []
+    for k in order[:12].tolist():
+        b, t = int(b_idx[k]), int(t_idx[k])
+        v = h[b, t]
+        ch = int(v.abs().argmax())
+        tops.append({"block": b, "position": t, "token": tok.decode([int(ids[b, t])]), "previous": tok.decode([int(ids[b, t - 1])]),
+                     "rms_over_median": float(r[b, t] / med), "top_channel": ch, "top_channel_value": float(v[ch])})
+    strings: dict[str, int] = {}
+    for b, t in zip(b_idx.tolist(), t_idx.tolist()):
+        w = tok.decode([int(ids[b, t])])
+        strings[w] = strings.get(w, 0) + 1
+    return {"threshold_factor": factor, "sink_blocks_over": int(big[:, 0].sum()), "blocks": int(ids.shape[0]),
+            "other_tokens_over": int(big_rest.sum()), "other_tokens": int(ids[:, 1:].numel()),
+            "token_strings": dict(sorted(strings.items(), key=lambda kv: -kv[1])[:10]), "largest": tops}
 
 
 def section_sites(c: Ctx) -> dict[str, Any]:
@@ -525,13 +655,18 @@ def section_sites(c: Ctx) -> dict[str, Any]:
                 "local_norm_error_rest", "mlp_out_error_rest", "scale_part_of_norm_error_rest", "mlp_out_error_rest_scale_part_only"]
     keys_ho = ["site_error", "site_error_rest", "site_error_sink", "sink_share_of_sq_site_error", "deviation_rest", "deviation_sink",
                "residual_deviation_rest"]
-    for name, kw in (("sequential", dict(sequential=True, detail=True)), ("parallel", dict(sequential=False, detail=True)),
-                     ("sequential_rest_fallback", dict(sequential=True, rows="rest", exact_first=1))):
+    # detail (other fits, the error a site passes to its sub-layer) on the parallel fits only: there
+    # each site's input is the original model's, so the figures are the site's own
+    for name, kw in (("sequential", SEQ), ("parallel", dict(sequential=False, detail=True)), ("sequential_rest_fallback", REST_FB)):
         probes, recs, secs = c.fitted(name, **kw)
-        ho = held_out(c.st, c.diag_ids, probes)
-        out[name] = {"calibration_seconds": round(secs, 1), "fit": recs, "held_out": ho,
-                     "fit_median_by_kind": summarize(recs, keys_fit), "held_out_median_by_kind": summarize(ho, keys_ho)}
+        out[name] = {"calibration_seconds": round(secs, 1), "fit": recs, "fit_median_by_kind": summarize(recs, keys_fit)}
+        if name != "parallel":  # the parallel fits' own errors are the point; their model is far off (see ppl)
+            ho = held_out(c.st, c.diag_ids, probes)
+            out[name].update(held_out=ho, held_out_median_by_kind=summarize(ho, keys_ho))
         print(f"  sites {name}: done", file=sys.stderr)
+    # the sequential probes with the sink through the exact norm at evaluation only (ppl-sink)
+    ho = held_out(c.st, c.diag_ids, _with_mode(c.fitted("sequential", **SEQ)[0], 1))
+    out["sequential_sink_exact_at_eval"] = {"held_out": ho, "held_out_median_by_kind": summarize(ho, keys_ho)}
     return out
 
 
@@ -566,10 +701,13 @@ REST_FB = dict(sequential=True, rows="rest", exact_first=1)  # position 0 out of
 # from its probes (None: as fitted). Calibration text: the built-in sample unless `calib` says otherwise.
 VARIANTS: list[tuple[str, str, str | None, dict[str, Any], Callable | None]] = [
     ("ppl", "original", None, {}, None),
+    ("ppl", "unigram", None, {}, None),  # no model: the unigram distribution of the rest of the text
     ("ppl", "dyt_sequential", "sequential", SEQ, None),
-    ("ppl", "dyt_parallel", "parallel", dict(sequential=False), None),
+    ("ppl-sink", "dyt_parallel", "parallel", dict(sequential=False), None),
     ("ppl-sink", "dyt_sequential_sink_exact_at_eval", "sequential", SEQ, lambda p: _with_mode(p, 1)),
     ("ppl-sink", "dyt_sequential_sink_only", "sequential", SEQ, lambda p: _with_mode(p, 1, "sink-only")),
+    ("ppl-sink", "dyt_parallel_sink_only", "parallel", dict(sequential=False), lambda p: _with_mode(p, 1, "sink-only")),
+    ("ppl-sink", "dyt_parallel_sink_exact_at_eval", "parallel", dict(sequential=False), lambda p: _with_mode(p, 1)),
     ("ppl-sink", "dyt_fit_without_sink", "sequential_rest", dict(sequential=True, rows="rest"), None),
     ("ppl-sink", "dyt_fit_without_sink_sink_exact", "sequential_rest_fallback", REST_FB, None),
     ("ppl-parts", "keep_final", "sequential", SEQ, _keep_final),
@@ -588,6 +726,11 @@ VARIANTS: list[tuple[str, str, str | None, dict[str, Any], Callable | None]] = [
     ("ppl-fits", "channel_alpha", "channel", dict(fit="channel"), None),
     ("ppl-fits", "channel_alpha_fit_without_sink_sink_exact", "channel_rest_fb", dict(REST_FB, fit="channel"), None),
     ("ppl-fits", "linear_fit_without_sink_sink_exact", "linear_rest_fb", dict(REST_FB, fit="linear"), None),
+    ("ppl-massive", "massive_tokens_exact", "seq_massive_fb", dict(REST_FB, rows="normal"), None),
+    ("ppl-massive", "massive_tokens_exact_layers_0_9", "massive_fb_0_9", dict(REST_FB, rows="normal", convert=_layers(0, 9)), None),
+    ("ppl-massive", "massive_tokens_exact_layers_12_29", "massive_fb_12_29", dict(REST_FB, rows="normal", convert=_layers(12, 29)), None),
+    ("ppl-massive", "massive_tokens_exact_layers_12_29_and_final", "massive_fb_12_29_final",
+     dict(REST_FB, rows="normal", convert=lambda p, i, k: k == "final" or (i is not None and i >= 12)), None),
     ("ppl-fits", "local_target", "seq_local", dict(target="local"), None),
     ("ppl-fits", "local_target_fit_without_sink_sink_exact", "seq_local_rest_fb", dict(REST_FB, target="local"), None),
     ("ppl-noise", "dyt_sequential_search_seed1", "seq_seed1", dict(fit="scalar_seed1"), None),
@@ -599,13 +742,26 @@ VARIANTS: list[tuple[str, str, str | None, dict[str, Any], Callable | None]] = [
     ("ppl-calib", "wiki1024_fit_without_sink_sink_exact", "wiki1024_rest_fb", dict(REST_FB, calib="wiki1024"), None),
 ]
 PPL_SECTIONS = tuple(dict.fromkeys(v[0] for v in VARIANTS))
+# the default selection (--variants core): what docs/dyt-on-llama.md reports, in well under 25 min on one core
+CORE = {"original", "unigram", "dyt_sequential", "dyt_parallel", "dyt_sequential_sink_exact_at_eval", "dyt_fit_without_sink_sink_exact",
+        "keep_final", "final_only", "attn_norms_only", "mlp_norms_only", "massive_tokens_exact"}
+DEFAULT_SECTIONS = ("stats", "sites", "ppl", "ppl-sink", "ppl-parts", "ppl-massive")
 
 
 def section_ppl_variants(c: Ctx, section: str) -> dict[str, Any]:
-    """The perplexity of each variant of `section` (or only those named by --variants)."""
-    out: dict[str, Any] = {"eval_tokens": int(c.eval_ids.numel()), "block": BLOCK}
-    for sec, name, calib_name, kw, transform in VARIANTS:
-        if sec != section or (c.args.variants and name not in c.args.variants):
+    """The perplexity of each selected variant of `section` (--variants: "core", "all" or names).
+    Section `ppl` is measured on --max-tokens; the others on --ablation-tokens, with the original
+    model's perplexity on those tokens as their reference."""
+    ids = c.eval_ids if section == "ppl" else c.ablation_ids
+    out: dict[str, Any] = {"eval_tokens": int(ids.numel()), "block": BLOCK}
+    chosen = [v for v in VARIANTS if v[0] == section and (c.args.variants == ["all"] or v[1] in c.args.variants
+                                                           or (c.args.variants == ["core"] and v[1] in CORE))]
+    if section != "ppl" and chosen:  # references on the same tokens (measured once, see Ctx.variant_ppl)
+        chosen[:0] = [(section, "original", None, {}, None), (section, "dyt_sequential", "sequential", SEQ, None)]
+    for sec, name, calib_name, kw, transform in chosen:
+        if name == "unigram":
+            out[name] = unigram_ppl(c.all_ids, ids)
+            print(f"  ppl {name}: {out[name]['ppl']:.2f}", file=sys.stderr)
             continue
         if calib_name is None:
             probes, info = {}, {}
@@ -614,7 +770,7 @@ def section_ppl_variants(c: Ctx, section: str) -> dict[str, Any]:
             probes = transform(probes) if transform else probes
             info = {"calibration": calib_name, "calibration_seconds": round(secs, 1), "sites": len(probes),
                     "median_fit_error_rest": float(torch.tensor([r["fit_error_rest"] for r in recs]).median())}
-        out[name] = {**info, **c.variant_ppl(probes)}
+        out[name] = {**info, **c.variant_ppl(probes, ids)}
         print(f"  ppl {name}: {out[name]['ppl']:.2f} ({out[name]['seconds']} s)", file=sys.stderr)
     return out
 
@@ -655,6 +811,8 @@ def _f(v: Any, nd: int = 2) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
+        if abs(v) >= 1e6:
+            return f"{v:.3g}"
         return f"{v:,.{nd}f}" if abs(v) >= 1 or v == 0 else f"{v:.{nd}g}" if abs(v) < 0.01 else f"{v:.{nd}f}"
     return str(v)
 
@@ -673,67 +831,88 @@ def report(results: dict[str, Any]) -> str:
     """The markdown tables of docs/dyt-on-llama.md, from the JSON of the sections run so far."""
     out = []
     if "stats" in results:
-        rows = [[r["layer"] if r["layer"] is not None else "final", r["kind"], r["median_rms"], r["sink_rms_over_median"],
-                 r["max_other_rms_over_median"], r["other_tokens_over_4x"], f"{r['p05_rms_over_median']:.2f} / {r['p95_rms_over_median']:.2f}",
-                 r.get("rms_cv_rest"),
-                 r["sink_top_channel"], r["sink_top_channel_value"], r["top_channel_share_of_rest_sq_norm"]]
-                for r in results["stats"]["sites"] if r["layer"] in REPORT_LAYERS and r["kind"] != "mlp" or r["kind"] == "final"]
-        out.append("### Residual stream entering each norm (original model, %d evaluation tokens)\n\n" % results["stats"]["tokens"] + _table(
-            ["layer", "site", "median RMS", "sink / median", "max other / median", "other tokens > 4x", "p05 / p95 of RMS / median",
-             "CV of RMS (rest)",
-             "sink's top channel", "its value", "that channel's share of other tokens' squared norm"], rows))
+        S = results["stats"]
+        rows = [[r["layer"] if r["layer"] is not None else "final", r["median_rms"], r["sink_rms_over_median"], r["sink_top_channel"],
+                 r["sink_top_channel_value"], r["sink_share_of_sq_norm"], r["max_other_rms_over_median"], r["other_tokens_over_4x"],
+                 r["p99_rms_over_median"], r["rms_cv_rest"]]
+                for r in S["sites"] if (r["layer"] in REPORT_LAYERS and r["kind"] == "attn") or r["kind"] == "final"]
+        out.append(f"### Residual stream entering input_layernorm (original model, {S['tokens']:,} evaluation tokens, "
+                   f"{S['blocks'][0]} blocks of {S['blocks'][1]})\n\n" + _table(
+                       ["layer", "median RMS", "sink / median", "sink's top channel", "its median |value|", "sink's share of all sq. norm",
+                        "max other / median", "other tokens > 4x", "p99 / median", "CV of RMS (rest)"], rows))
+        rows = []
+        for layer, m in S.get("massive_tokens_at_input_layernorm", {}).items():
+            top = m["largest"][:3]
+            rows.append([layer, f"{m['sink_blocks_over']}/{m['blocks']}", f"{m['other_tokens_over']}/{m['other_tokens']}",
+                         ", ".join(f"{k!r} x{v}" for k, v in list(m["token_strings"].items())[:5]),
+                         "; ".join(f"pos {t['position']} {t['token']!r} {t['rms_over_median']:.0f}x ch {t['top_channel']}" for t in top)])
+        if rows:
+            out.append("### Massive tokens (RMS > 4x the median) entering input_layernorm\n\n" + _table(
+                ["layer", "sink blocks over", "other tokens over", "their token strings", "largest others (position, token, RMS / median, channel)"],
+                rows))
     if "sites" in results:
         S = results["sites"]
         seq, par = _by_site(S["sequential"]["fit"]), _by_site(S["parallel"]["fit"])
-        hs, hp = _by_site(S["sequential"]["held_out"]), _by_site(S["parallel"]["held_out"])
-        hf = _by_site(S["sequential_rest_fallback"]["held_out"])
-        ff = _by_site(S["sequential_rest_fallback"]["fit"])
+        hs = _by_site(S["sequential"]["held_out"])
         for kind, title in (("attn", "input_layernorm (read by q, k, v)"), ("mlp", "post_attention_layernorm (read by SwiGLU gate, up)")):
             rows = []
             for i in REPORT_LAYERS:
                 q, p_ = seq[(i, kind)], par[(i, kind)]
-                rows.append([i, p_["fit_error_rest"], p_["fit_error_sink"], p_["fit_sink_share_of_sq_error"], q["fit_error_rest"], q["fit_error_sink"],
-                             q["output_spread_ratio_rest"], hp[(i, kind)]["residual_deviation_rest"], hs[(i, kind)]["residual_deviation_rest"],
-                             hf[(i, kind)]["residual_deviation_rest"]])
+                rows.append([i, p_["fit_error_ordinary"], p_["fit_error_sink"], p_["fit_error_massive_other"], p_["massive_other_row_share"],
+                             p_["fit_sink_share_of_sq_error"], p_["sink_and_massive_share_of_sq_error"], p_["fit_without_sink_error_rest"],
+                             p_["known_scale_fit_error_rest"], q["fit_error_rest"], q["fit_error_sink"], q["output_spread_ratio_rest"],
+                             hs[(i, kind)]["site_error_rest"], hs[(i, kind)]["residual_deviation_rest"]])
             out.append(f"### Fit error by depth: {title}\n\n" + _table(
-                ["layer", "parallel: rest", "parallel: sink", "sink share of sq. error", "sequential: rest", "sequential: sink",
-                 "sequential output spread / target's", "held-out residual deviation, parallel", "sequential", "sequential, sink exact"], rows))
-        fin = [("parallel", par[(None, "final")], hp[(None, "final")]), ("sequential", seq[(None, "final")], hs[(None, "final")]),
-               ("sequential, fit without sink, sink exact", ff[(None, "final")], hf[(None, "final")])]
-        out.append("### Final norm\n\n" + _table(["calibration", "fit error rest", "fit error sink", "alpha x std(rest)",
-                                                  "held-out site error rest", "held-out deviation rest"],
-                                                 [[n, r and r["fit_error_rest"], r and r["fit_error_sink"], r and r.get("alpha_x_rest_std"),
-                                                   h["site_error_rest"], h["deviation_rest"]] for n, r, h in fin]))
+                ["layer", "parallel: ordinary tokens", "sink", "other massive", "other massive: share of rows", "sink: share of sq. error",
+                 "sink + massive: share of sq. error", "fit without sink: rest", "known per-token scale: rest",
+                 "sequential: rest", "sequential: sink", "sequential: output spread / target's", "held-out, sequential: site's own error (rest)",
+                 "held-out, sequential: residual deviation (rest)"], rows))
+        fin = [("parallel", par[(None, "final")]), ("sequential", seq[(None, "final")])]
+        hf = hs[(None, "final")]
+        out.append("### Final norm (its output feeds the tied LM head)\n\n" + _table(
+            ["calibration", "alpha", "fit error ordinary", "sink", "sink: share of sq. error", "fit without sink", "known per-token scale",
+             "output spread / target's"],
+            [[n, r["alpha"], r["fit_error_ordinary"], r["fit_error_sink"], r["fit_sink_share_of_sq_error"], r.get("fit_without_sink_error_rest"),
+              r.get("known_scale_fit_error_rest"), r["output_spread_ratio_rest"]] for n, r in fin])
+            + f"\n\nHeld out (sequential probes): the final site's own error on the rest {_f(hf['site_error_rest'])}, "
+              f"deviation from the original's final-norm output {_f(hf['deviation_rest'])}.")
+        hv = {n: _by_site(S[n]["held_out"]) for n in HELD_OUT if n in S}
+        rows = []
+        for i in (*REPORT_LAYERS, None):
+            key = (i, "attn") if i is not None else (None, "final")
+            row: list[Any] = [i if i is not None else "final", hv["sequential"][key]["sink_rms_original"]]
+            for n in hv:
+                r = hv[n][key]
+                row += [r["token_deviation_rest_median"], r["token_deviation_rest_max"], r["sink_rms_converted"]]
+            rows.append(row)
+        head = ["entering layer", "sink RMS, original"]
+        for n in hv:
+            head += [f"{HELD_OUT[n]}: token deviation (rest), median", "max", "sink RMS"]
+        out.append(f"### Held out: the converted model's residual stream against the original's ({S['held_out_tokens']:,} evaluation tokens)\n\n"
+                   + _table(head, rows))
         rows = []
         for i in REPORT_LAYERS:
-            p_ = par[(i, "attn")]
-            rows.append([i, p_["alpha_x_rest_std"], p_["fit_error_rest"], p_["fit_without_sink_alpha_x_rest_std"], p_["fit_without_sink_error_rest"],
-                         p_["channel_alpha_fit_without_sink_error_rest"], p_["linear_fit_without_sink_error_rest"], p_["known_scale_fit_error_rest"],
-                         p_["attn_out_error_rest_all"], p_["attn_out_error_rest_sink_exact"], p_["attn_out_error_rest_sink_only"]])
-        out.append("### input_layernorm on the original's input (parallel fits): fits, and the attention output of the other tokens\n\n" + _table(
-            ["layer", "alpha x std(rest)", "rest error", "without sink: alpha x std", "rest error", "per-channel alpha", "linear (alpha -> 0)",
-             "known per-token scale", "attn out error: DyT all", "sink exact", "DyT on sink only"], rows))
-        rows = []
-        for i in REPORT_LAYERS:
-            p_ = par[(i, "mlp")]
-            rows.append([i, p_["fit_error_rest"], p_["fit_without_sink_error_rest"], p_["channel_alpha_fit_without_sink_error_rest"],
-                         p_["linear_fit_without_sink_error_rest"], p_["local_norm_error_rest"], p_["mlp_out_error_rest"],
-                         p_["mlp_out_error_rest"] / max(p_["local_norm_error_rest"], 1e-30), p_["scale_part_of_norm_error_rest"],
-                         p_["mlp_out_error_rest_scale_part_only"]])
-        out.append("### post_attention_layernorm on the original's input (parallel fits): fits, and the SwiGLU output\n\n" + _table(
-            ["layer", "rest error", "without sink", "per-channel alpha", "linear", "norm out error", "MLP out error", "ratio",
-             "per-token scale part of norm error", "MLP out error of that part alone"], rows))
+            a, m = par[(i, "attn")], par[(i, "mlp")]
+            rows.append([i, a["local_norm_error_rest"], a["attn_out_error_rest_all"], a["attn_out_error_rest_sink_exact"],
+                         a["attn_out_error_rest_sink_only"], m["local_norm_error_rest"], m["mlp_out_error_rest"],
+                         m["mlp_out_error_rest"] / max(m["local_norm_error_rest"], 1e-30), m["scale_part_of_norm_error_rest"],
+                         m["mlp_out_error_rest_scale_part_only"]])
+        out.append("### What one site's error does to its sub-layer's output (parallel fits, non-sink tokens)\n\n" + _table(
+            ["layer", "input_layernorm error", "attention out error: DyT on all", "sink exact", "DyT on sink only",
+             "post_attention_layernorm error", "SwiGLU out error", "ratio", "per-token scale part of the norm error",
+             "SwiGLU out error of that part alone"], rows))
         med = {n: S[n]["fit_median_by_kind"] for n in ("sequential", "parallel")}
         out.append("### Medians over sites\n\n```json\n" + json.dumps(med, indent=1, default=float) + "\n```")
     ppl_rows = []
     for sec in PPL_SECTIONS:
-        for name, v in results.get(sec, {}).items():
+        R = results.get(sec, {})
+        for name, v in R.items():
             if isinstance(v, dict) and "ppl" in v:
-                ppl_rows.append([sec, name, v.get("sites", ""), v["ppl"], v["nll"], v["nll_median"], v.get("median_fit_error_rest")])
+                ppl_rows.append([sec, R["eval_tokens"], name, v.get("sites", ""), v["ppl"], v.get("top1"), v.get("ppl_best_temperature"),
+                                 v.get("best_temperature"), v.get("calibration_seconds"), v.get("seconds")])
     if ppl_rows:
-        first = next(results[s] for s in PPL_SECTIONS if s in results)
-        out.append(f"### Perplexity (WikiText-2 raw test, first {first['eval_tokens']:,} tokens, {first['block']}-token blocks)\n\n" + _table(
-            ["section", "variant", "DyT sites", "ppl", "nll", "median token nll", "median fit error (rest)"], ppl_rows))
+        out.append(f"### Perplexity (WikiText-2 raw test, first N tokens, {BLOCK}-token blocks)\n\n" + _table(
+            ["section", "N", "variant", "DyT sites", "ppl", "top-1", "ppl at best T", "T", "calibration s", "eval s"], ppl_rows))
     if "library" in results:
         L = results["library"]
         out.append(f"### Library default\n\nnormswap.convert(..., 'dyt'): {L['convert_seconds']} s, ppl {L['library_ppl']:.2f}; "
@@ -747,6 +926,64 @@ def report(results: dict[str, Any]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+HELD_OUT = {"sequential": "sequential", "sequential_sink_exact_at_eval": "same, sink exact at eval",
+            "sequential_rest_fallback": "fit without sink, sink exact"}
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    """Three panels: per-token RMS entering each norm (sink, largest other token, p99, against the
+    median); the parallel (own) fit error by depth per site kind, for ordinary tokens and the sink;
+    the sequential fit error and the held-out residual deviation by depth."""
+    if "stats" not in results or "sites" not in results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.8))
+    depth = lambda r: 30 if r["layer"] is None else r["layer"] + (0.5 if r["kind"] == "mlp" else 0.0)  # noqa: E731
+    st = results["stats"]["sites"]
+    x = [depth(r) for r in st]
+    for key, label, style in (("sink_rms_over_median", "sink (position 0)", "o-"), ("max_other_rms_over_median", "largest other token", "s-"),
+                              ("p99_rms_over_median", "p99 of other tokens", "^-")):
+        ax[0].plot(x, [r[key] for r in st], style, ms=3, label=label)
+    ax[0].set_yscale("log")
+    ax[0].set_title("per-token RMS entering each norm / median (original)")
+    S = results["sites"]
+    par, seq = S["parallel"]["fit"], S["sequential"]["fit"]
+    for kind, colour in (("attn", "C0"), ("mlp", "C1"), ("final", "C3")):
+        rs = [r for r in par if r["kind"] == kind]
+        name = {"attn": "input_ln", "mlp": "post_attn_ln", "final": "final norm"}[kind]
+        ax[1].plot([depth(r) for r in rs], [r["fit_error_ordinary"] for r in rs], "o-", color=colour, ms=3, label=f"{name}: ordinary")
+        ax[1].plot([depth(r) for r in rs], [r["fit_error_sink"] for r in rs], "x:", color=colour, ms=4, label=f"{name}: sink")
+        if kind != "final":
+            ax[1].plot([depth(r) for r in rs], [r["fit_without_sink_error_rest"] for r in rs], "--", color=colour, alpha=0.6,
+                       label=f"{name}: rest, fit w/o sink")
+        rq = [r for r in seq if r["kind"] == kind]
+        ax[2].plot([depth(r) for r in rq], [r["fit_error_rest"] for r in rq], "o-", color=colour, ms=3, label=f"{name}: fit error (rest)")
+    for n, style in zip(HELD_OUT, ("k--", "k:", "k-.")):
+        if n in S:
+            rh = S[n]["held_out"]
+            ax[2].plot([depth(r) for r in rh], [r["token_deviation_rest_median"] for r in rh], style,
+                       label=f"held-out drift, {HELD_OUT[n]}")
+    ax[1].set_yscale("log")
+    ax[1].set_ylim(0.04, 3000)  # room for the legend above the curves
+    ax[2].set_yscale("log")
+    ax[1].set_title("own fit error per site (parallel: original inputs)")
+    ax[2].set_title("sequential: fit error per site; residual drift on held-out text")
+    for a in ax:
+        a.set_xlabel("layer (x.5: post_attention_layernorm; 30: final norm)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=6.5, **({"ncol": 3, "loc": "upper left"} if a is ax[1] else {}))
+    ax[1].set_ylabel("relative RMS error")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 RUNNERS: dict[str, Callable] = {"stats": section_stats, "sites": section_sites, "library": section_library,
                                 **{s: (lambda c, s=s: section_ppl_variants(c, s)) for s in PPL_SECTIONS}}
 
@@ -755,18 +992,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the fetch.sh folder of SmolLM2-135M-Instruct")
     ap.add_argument("--text", type=Path, default=asset("wikitext2-raw-test", "wiki.test.raw"))
-    ap.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "library"),
-                    help=f"comma-separated, from {', '.join(SECTIONS)} (default: all but library)")
-    ap.add_argument("--variants", default="", help="comma-separated perplexity variant names: run only these (see VARIANTS)")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated, from {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
+    ap.add_argument("--variants", default="core",
+                    help="perplexity variants: 'core' (the documented set, CORE), 'all', or comma-separated names (see VARIANTS)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens (perplexity)")
-    ap.add_argument("--diag-tokens", type=int, default=4096, help="evaluation tokens for per-site held-out errors and stats")
+    ap.add_argument("--ablation-tokens", type=int, default=8192, help="evaluation tokens of the ppl-* sections other than ppl")
+    ap.add_argument("--diag-tokens", type=int, default=2048, help="evaluation tokens for per-site held-out errors and stats")
     ap.add_argument("--calib-blocks", type=int, default=0, help="use only this many calibration blocks (smoke tests; 0: all)")
     ap.add_argument("--out", type=Path, default=Path("bench-results/dyt_llama_analysis.json"))
     ap.add_argument("--report", action="store_true", help="print the markdown tables from --out and exit (runs nothing)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="copy the sections of these JSON files (runs of other sections, e.g. in parallel) into --out and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        for f in args.merge:
+            results.update({k: v for k, v in json.loads(f.read_text()).items() if k in SECTIONS})
+        args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+        return 0
     if args.report:
-        sys.stdout.write(report(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        sys.stdout.write(report(results))
+        png = plot(results, args.out.with_suffix(".png"))
+        if png:
+            print(f"wrote {png}", file=sys.stderr)
         return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -797,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
         tmp.replace(args.out)
+    png = plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}" + (f" and {png}" if png else ""), file=sys.stderr)
     return 0
 
 
