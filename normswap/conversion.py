@@ -169,7 +169,7 @@ def convert_model(
         _check_texts(source, tokenizer, calib_text, verify_text)  # before the weights are loaded
         model = load_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, dtype=work_dtype)
         if processor is None and is_speech(model):
-            processor = _speech_processor(source)
+            processor = _speech_processor(source, required=calib_audio is not None or verify_audio is not None)
     else:
         out_dtype, work_dtype, dtype_warnings = resolve_dtypes(dtype, model=model)
         _check_texts(type(model).__name__, tokenizer, calib_text, verify_text)
@@ -356,13 +356,16 @@ def _stand_in_warnings(model: nn.Module, tokenizer: Any, batches: list[dict[str,
     return []
 
 
-def _speech_processor(source: str) -> Any:
-    """The checkpoint's speech processor, or None where its folder has none (tiny test models)."""
+def _speech_processor(source: str, *, required: bool) -> Any:
+    """The checkpoint's speech processor; None where it has none (tiny test models) unless audio
+    was given, which needs it (then the reason it cannot be loaded is the error)."""
     from normswap.evaluation.asr import load_processor
 
     try:
         return load_processor(source)
     except NormswapError:
+        if required:
+            raise
         return None
 
 

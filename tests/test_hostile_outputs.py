@@ -734,3 +734,17 @@ def test_automatic_streaming_of_an_approximate_conversion_falls_back_to_memory(w
     data = json.loads(stdout)
     assert calls == [1]  # streaming was tried first, and refused before writing anything
     assert data["low_memory"] is False and data["exact"] is False and data["max_rel_diff"] is not None  # measured in memory
+
+
+@pytest.mark.hostile("bad-input")
+def test_calibration_audio_for_a_speech_model_without_a_processor_is_refused(tiny_whisper, tmp_path, monkeypatch, capsys):
+    """Audio needs the checkpoint's feature extractor: its absence is the error, not random features."""
+    from normswap.assets import asset
+
+    speech = asset("librispeech-subset")
+    if not speech.is_dir():
+        pytest.skip("librispeech-subset asset missing")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["convert", str(tiny_whisper), "--to", "dyt", "--calib-audio", str(speech), "--out", str(out)], monkeypatch, capsys)
+    refused(code, err, "cannot load the processor", exit_code=2)
+    assert not out.exists() and debris(tmp_path) == []
