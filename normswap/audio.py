@@ -254,6 +254,18 @@ def read_manifest(path: Path) -> dict[str, str]:
     return groups
 
 
+def subset_names(names: str | Sequence[str] | None, option: str) -> list[str] | None:
+    """Manifest subset names as an option gives them ("test-clean,dev-clean" or a list), stripped;
+    None where none was given. Given but empty is one line naming `option`."""
+    if names is None:
+        return None
+    parts = names.split(",") if isinstance(names, str) else list(names)
+    found = [s.strip() for s in parts if s.strip()]
+    if not found:
+        raise NormswapError(f"{option} is empty: give subset names from the folder's {MANIFEST_FILE}, e.g. test-clean,dev-clean")
+    return found
+
+
 def check_lengths(data: AudioSet, max_seconds: float | None, what: str) -> None:
     """Refuse an utterance longer than `max_seconds` (the model's input window, e.g. Whisper's 30 s)."""
     if max_seconds is None:

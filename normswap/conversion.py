@@ -27,7 +27,8 @@ from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.modules import DyT, RMSNorm, center_input
 from normswap.record import ConversionRecord, SiteRecord
-from normswap.samples import is_speech, model_inputs
+from normswap.audio import subset_names
+from normswap.samples import AUDIO_OPTIONS, is_speech, model_inputs
 from normswap.surgery.centre import centre_output, writer_target
 from normswap.surgery.fold import fold_into_reader
 from normswap.surgery.paths import get_module, set_module
@@ -123,7 +124,7 @@ def convert_model(
     drop_mean: bool = False,
     calib_audio: str | Path | None = None,
     verify_audio: str | Path | None = None,
-    calib_audio_subsets: list[str] | None = None,
+    calib_audio_subsets: str | list[str] | None = None,
     processor: Any = None,
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
@@ -156,6 +157,7 @@ def convert_model(
 
     t0 = time.perf_counter()
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
+    calib_audio_subsets = subset_names(calib_audio_subsets, "--calib-audio-subsets")
     if calib_text is not None and not calib_text.strip():
         raise NormswapError("calibration text is empty")
     source = None
@@ -345,8 +347,8 @@ def _check_texts(where: str, tokenizer: Any, calib_text: str | None, verify_text
 def _stand_in_warnings(model: nn.Module, tokenizer: Any, batches: list[dict[str, torch.Tensor]], audio: Any, what: str) -> list[str]:
     """What the user must know when seeded random inputs stood in for real data."""
     if is_speech(model) and audio is None:
-        option = "--calib-audio" if what == "calibration" else "--verify-audio"
-        return [f"{what} used random features and decoder ids (no {option} given): the deviation is measured on noise, not speech"]
+        return [f"{what} used random features and decoder ids (no {AUDIO_OPTIONS[what]} given): the deviation is measured on noise, "
+                "not speech"]
     if bool(batches) and "pixel_values" in batches[0]:
         return [f"{what} used seeded random images (normswap reads no image data yet): the deviation is measured on noise, not images"]
     if tokenizer is None and bool(batches) and "input_ids" in batches[0]:

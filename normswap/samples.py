@@ -155,7 +155,8 @@ def decoder_prompt(model: nn.Module, tokenizer=None) -> list[int]:
     return prompt
 
 
-def _eos_id(model: nn.Module, tokenizer=None) -> int:
+def eos_id(model: nn.Module, tokenizer=None) -> int:
+    """The id that ends a decoder sequence: the generation config's, the config's, the tokenizer's."""
     for src in (getattr(model, "generation_config", None), model.config, tokenizer):
         eos = getattr(src, "eos_token_id", None)
         if isinstance(eos, (list, tuple)):
@@ -194,7 +195,7 @@ def teacher_forced_ids(model: nn.Module, tokenizer, texts: Sequence[str]) -> lis
     truecaser."""
     if tokenizer is None:
         raise NormswapError(f"{type(model).__name__} has no tokenizer: cannot tokenise transcripts (add the tokenizer files to the model folder)")
-    prompt, eos, limit = decoder_prompt(model, tokenizer), _eos_id(model, tokenizer), _max_target(model)
+    prompt, eos, limit = decoder_prompt(model, tokenizer), eos_id(model, tokenizer), _max_target(model)
     out = []
     for text in texts:
         body = tokenizer(" " + sentence_case(text), add_special_tokens=False)["input_ids"]
@@ -245,7 +246,7 @@ def greedy_ids(model: nn.Module, teacher: nn.Module, features: torch.Tensor, tok
     import transformers
 
     p = next(teacher.parameters())
-    prompt, eos, limit = decoder_prompt(model, tokenizer), _eos_id(teacher, tokenizer), _max_target(model)
+    prompt, eos, limit = decoder_prompt(model, tokenizer), eos_id(teacher, tokenizer), _max_target(model)
     teacher_prompt = decoder_prompt(teacher, tokenizer)
     kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "return_dict_in_generate": True}
     if teacher.config.model_type == "whisper":

@@ -40,6 +40,7 @@ def convert_cmd(
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     """Replace every LayerNorm with RMSNorm or DyT and save a checkpoint that loads back exactly."""
+    from normswap.audio import subset_names
     from normswap.conversion import check_options, convert_model
     from normswap.loading import save
     from normswap.log import logger
@@ -71,7 +72,7 @@ def convert_cmd(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
             dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio,
-            calib_audio_subsets=calib_audio_subsets.split(",") if calib_audio_subsets is not None else None,
+            calib_audio_subsets=subset_names(calib_audio_subsets, "--calib-audio-subsets"),
         )
         save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
              overwrite=overwrite, inputs=inputs)

@@ -55,14 +55,15 @@ def eval_cmd(
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     from normswap.evaluation.glue import GlueSettings
+    from normswap.audio import subset_names
     from normswap.evaluation.runner import EvalRequest, run_eval
 
     req = EvalRequest(
         model=model, baseline=baseline, ppl=ppl, max_length=max_length, stride=stride, max_tokens=max_tokens,
         pseudo_ppl=pseudo_ppl, mlm_probability=mlm_probability, mask_seed=mask_seed, sts=sts_file,
         glue=glue_tasks, glue_data=glue_dir, dev_samples=dev_samples, out=out, overwrite=overwrite,
-        asr=asr_dir, asr_subsets=asr_subsets.split(",") if asr_subsets is not None else None,
-        asr_groups=[g.strip() for g in asr_groups.split(",") if g.strip()] if asr_groups is not None else None, asr_batch_size=asr_batch_size,
+        asr=asr_dir, asr_subsets=subset_names(asr_subsets, "--asr-subsets"),
+        asr_groups=subset_names(asr_groups, "--asr-groups"), asr_batch_size=asr_batch_size,
         glue_settings=GlueSettings(train_samples=train_samples, epochs=epochs, lr=lr, batch_size=batch_size,
                                    max_seq_length=max_seq_length, seeds=seeds),
     )

@@ -61,6 +61,7 @@ def finetune_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
+    from normswap.audio import subset_names
     from normswap.training import TrainConfig, finetune, parse_count
 
     cfg = TrainConfig(
@@ -71,7 +72,7 @@ def finetune_cmd(
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed,
         precision=precision, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
-    result = finetune(student, teacher=teacher, data=data, audio=audio, audio_subsets=audio_subsets.split(",") if audio_subsets is not None else None,
+    result = finetune(student, teacher=teacher, data=data, audio=audio, audio_subsets=subset_names(audio_subsets, "--audio-subsets"),
                       out=out, config=cfg, overwrite=overwrite, resume=resume)
     from accelerate import PartialState
 

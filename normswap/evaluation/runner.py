@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from normswap import audio
 from normswap.errors import NormswapError
 from normswap.evaluation import asr as asr_eval, checks, glue, glue_data, perplexity, results, sts
 from normswap.evaluation.glue import GlueSettings
@@ -115,8 +116,8 @@ def _check_options(req: EvalRequest) -> None:
         raise NormswapError("--asr-subsets needs --asr DIR")
     if req.asr_groups is not None and not req.asr:
         raise NormswapError("--asr-groups needs --asr DIR")
-    if req.asr_subsets is not None and not [s for s in req.asr_subsets if s.strip()]:
-        raise NormswapError("--asr-subsets is empty: give subset names from the folder's manifest.tsv, e.g. test-clean,dev-clean")
+    audio.subset_names(req.asr_subsets, "--asr-subsets")
+    audio.subset_names(req.asr_groups, "--asr-groups")
     if req.max_length is not None and req.stride is not None and req.stride > req.max_length:
         raise NormswapError(f"--stride {req.stride} is longer than --max-length {req.max_length}: tokens between windows would go unscored")
     if not (isinstance(req.mlm_probability, (int, float)) and 0 < req.mlm_probability < 1):
@@ -367,11 +368,9 @@ class AsrInputs:
 def _validate_asr(req: EvalRequest) -> AsrInputs:
     """The folder (audio headers, transcripts, manifest), both models' configs (speech
     encoder-decoders), their processors and the normaliser; then every audio file decoded once."""
-    from normswap import audio
 
-    subsets = [s.strip() for s in req.asr_subsets if s.strip()] if req.asr_subsets else None
-    data = audio.read_audio_folder(req.asr, subsets=subsets)
-    asr_eval.check_groups(req.asr_groups or (), data)  # before any model is loaded
+    data = audio.read_audio_folder(req.asr, subsets=audio.subset_names(req.asr_subsets, "--asr-subsets"))
+    asr_eval.check_groups(audio.subset_names(req.asr_groups, "--asr-groups") or (), data)  # before any model is loaded
     processors = {}
     for role, path in _models(req):
         asr_eval.speech_architecture(path)
@@ -406,7 +405,7 @@ def run_asr(req: EvalRequest, speech: AsrInputs, out: Path | None) -> dict[str, 
                                     progress=req.progress, name=path)
         del model
     row, per_utt = asr_eval.evaluate(hyps, speech.data, speech.normalizer, resamples=req.asr_resamples, seed=req.asr_seed,
-                                     groups=req.asr_groups or ())
+                                     groups=audio.subset_names(req.asr_groups, "--asr-groups") or ())
     row["data"] = str(req.asr)
     if out is not None:
         header, rows = asr_eval.predictions_table(per_utt, list(hyps))

@@ -23,10 +23,10 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from normswap.errors import NormswapError
 from normswap.training.config import TrainConfig, parse_count
@@ -34,6 +34,15 @@ from normswap.training.config import TrainConfig, parse_count
 STAGES = ("convert", "finetune", "eval")
 ROLES = ("original", "converted", "recovered")
 JOB_KEYS = ("name", "model", "stages") + STAGES
+
+
+def _comma_list(v: Any) -> Any:
+    """"a, b" -> ["a", "b"] (a list is kept as given)."""
+    return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+
+# A list of names that a recipe may also write as one comma-separated string.
+Names = Annotated[list[str], BeforeValidator(_comma_list)]
 
 
 class RecipeError(NormswapError):
@@ -55,7 +64,7 @@ class ConvertStage(_Strict):
     tied_head: Literal["auto", "center-embed", "untie"] = "auto"
     calib_text: Optional[str] = None
     calib_audio: Optional[str] = None  # speech models: a folder of audio files (normswap.audio)
-    calib_audio_subsets: Optional[list[str]] = Field(None, min_length=1)
+    calib_audio_subsets: Optional[Names] = Field(None, min_length=1)
     calib_tokens: int = Field(4096, gt=0)
     sequential: bool = True
     alpha_init: Optional[float] = None
@@ -66,11 +75,6 @@ class ConvertStage(_Strict):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
-    @field_validator("calib_audio_subsets", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
-
 
 class _FinetuneBase(_Strict):
     """`normswap finetune` settings: the data (text, or `audio` for speech models), the teacher,
@@ -78,13 +82,8 @@ class _FinetuneBase(_Strict):
 
     data: Optional[str] = None
     audio: Optional[str] = None  # speech models: a folder of audio files with transcripts
-    audio_subsets: Optional[list[str]] = Field(None, min_length=1)
+    audio_subsets: Optional[Names] = Field(None, min_length=1)
     teacher: Optional[str] = "original"  # "original": the job's source model; null: no teacher
-
-    @field_validator("audio_subsets", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _one_source(self) -> "_FinetuneBase":
@@ -156,20 +155,15 @@ class AsrEval(_Strict):
     """Speech recognition (Whisper): greedy WER on a folder of audio files with transcripts.tsv."""
 
     data: str
-    subsets: Optional[list[str]] = Field(None, min_length=1)
-    groups: Optional[list[str]] = Field(None, min_length=1)  # unions of subsets: "test-clean+dev-clean"
+    subsets: Optional[Names] = Field(None, min_length=1)
+    groups: Optional[Names] = Field(None, min_length=1)  # unions of subsets: "test-clean+dev-clean"
     batch_size: int = Field(16, ge=1)
-
-    @field_validator("subsets", "groups", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
 
 class GlueEval(_Strict):
     """GLUE fine-tuning of a classification head per task and seed (same settings for every model)."""
 
-    tasks: list[str] = Field(min_length=1)
+    tasks: Names = Field(min_length=1)
     data: str
     train_samples: Optional[int] = Field(None, ge=1)
     dev_samples: Optional[int] = Field(None, ge=1)
@@ -181,11 +175,6 @@ class GlueEval(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     data_seed: int = 0
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
     @field_validator("tasks")
     @classmethod

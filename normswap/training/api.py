@@ -306,12 +306,9 @@ def _check_source(data: Any, audio: Any, audio_subsets: Sequence[str] | None, cf
     for name in ("block_size", "packing"):
         if getattr(cfg, name) is not None:
             raise NormswapError(f"--{name.replace('_', '-')} is for text data; --audio batches whole utterances")
-    if audio_subsets is None:
-        return None
-    subsets = [s.strip() for s in audio_subsets if s.strip()]
-    if not subsets:
-        raise NormswapError("--audio-subsets is empty: give subset names from the folder's manifest.tsv")
-    return subsets
+    from normswap.audio import subset_names
+
+    return subset_names(audio_subsets, "--audio-subsets")
 
 
 def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: str | None, data: str | None,

@@ -291,14 +291,14 @@ def build_speech_data(found: Any, model: Any, tokenizer: Any, processor: Any, *,
     from normswap import audio
     from normswap.evaluation.asr import max_seconds
     from normswap.log import logger
-    from normswap.samples import _eos_id, decoder_prompt, teacher_forced_ids
+    from normswap.samples import decoder_prompt, eos_id, teacher_forced_ids
 
     audio.check_lengths(found, max_seconds(processor), what)
     audio.check_decodable(found, int(processor.feature_extractor.sampling_rate))
     utts = found.utterances
     sequences = teacher_forced_ids(model, tokenizer, [u.text for u in utts])
     prompt = decoder_prompt(model, tokenizer)
-    eos = _eos_id(model, tokenizer)
+    eos = eos_id(model, tokenizer)
     cut = [u.id for u, s in zip(utts, sequences) if s[-1] != eos]
     if cut:
         logger.warning("%d transcript(s) are longer than the decoder's %d positions and were cut, e.g. %s",
