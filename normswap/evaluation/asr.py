@@ -25,12 +25,13 @@ from torch import nn
 
 from normswap.audio import AudioSet, Utterance, load_audio
 from normswap.errors import NormswapError
+from normswap.evaluation import bootstrap
 from normswap.evaluation.progress import progress_bar
 from normswap.log import logger
 
 NORMALIZER_FILE = "normalizer.json"
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = bootstrap.RESAMPLES
+BOOTSTRAP_SEED = bootstrap.SEED
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -95,29 +96,23 @@ def paired_bootstrap(errors_a: Sequence[int], errors_b: Sequence[int], words: Se
     Each resample draws n utterance indices with replacement (`numpy.random.default_rng(seed)`,
     `integers(0, n, n)` per resample, in order) and takes sum(errors_a - errors_b) / sum(words) on
     it; resamples without any reference word are skipped (possible only when most utterances
-    have none). Drawn in blocks, so memory stays small for large test sets."""
+    have none). Drawn in blocks, so memory stays small for large test sets (the shared
+    `normswap.evaluation.bootstrap`, whose index stream this is)."""
     ea, eb, w = (np.asarray(v, dtype=np.int64) for v in (errors_a, errors_b, words))
     n = len(w)
     if n == 0 or not (len(ea) == len(eb) == n):
         raise ValueError("paired_bootstrap needs the same, non-zero number of utterances for both models")
     diff = ea - eb
-    rng = np.random.default_rng(seed)
-    block = max(1, min(resamples, 2**22 // n))
-    deltas = []
-    done = 0
-    while done < resamples:
-        k = min(block, resamples - done)
-        idx = rng.integers(0, n, size=(k, n))
+
+    def delta(idx: np.ndarray) -> np.ndarray:
         num, den = diff[idx].sum(axis=1), w[idx].sum(axis=1)
-        ok = den > 0
-        deltas.append(num[ok] / den[ok])
-        done += k
-    d = np.concatenate(deltas)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)  # no reference word: left out
+
+    d = bootstrap.bootstrap_deltas(delta, n, resamples=resamples, seed=seed, batched=True)
     if d.size == 0:
         raise NormswapError("no bootstrap resample has a reference word: the interval is undefined")
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(d, [tail, 100 - tail])
-    return float(lo), float(hi)
+    return bootstrap.percentile_interval(d, level)
 
 
 # --------------------------------------------------------------------------------------- checkpoints
