@@ -1,18 +1,26 @@
-"""GLUE measurement on a CPU budget: all-MiniLM-L6-v2 against its RMSNorm and DyT conversions.
+"""GLUE on a CPU budget: all-MiniLM-L6-v2 against its conversions, the baseline run once and shared.
 
-    normswap convert $ASSETS/all-MiniLM-L6-v2 --to rmsnorm --out /tmp/minilm-rmsnorm
-    normswap convert $ASSETS/all-MiniLM-L6-v2 --to dyt --out /tmp/minilm-dyt
-    python scripts/glue_minilm.py --converted /tmp/minilm-rmsnorm /tmp/minilm-dyt --out results/glue-minilm
+    A=../shared/assets
+    normswap convert $A/all-MiniLM-L6-v2 --to rmsnorm --out minilm-rmsnorm
+    normswap convert $A/all-MiniLM-L6-v2 --to dyt --out minilm-dyt
+    normswap finetune minilm-dyt --teacher $A/all-MiniLM-L6-v2 --objective distill ... --out minilm-dyt-distill
+    python scripts/glue_minilm.py --mode probe --models minilm-rmsnorm minilm-rmsnorm-distill minilm-dyt minilm-dyt-distill \
+        --out docs/results/glue-minilm-probe
+    python scripts/glue_minilm.py --mode finetune --protocol reference --models --out docs/results/glue-minilm-reference
 
-The same code path as `normswap eval --glue` (normswap.evaluation.glue), but the baseline is
-fine-tuned once and shared by both conversions instead of once per `normswap eval` call. Every
-finished (model, task, seed) run is appended to runs.jsonl at once, so an interrupted measurement
-keeps what it has and `--resume` continues it. Writes summary.json (with config, versions, git
-hash, date), predictions/<task>_seed<k>.tsv, deltas_<name>.png, and prints the table.
+The same code as `normswap eval --glue` (`normswap.evaluation.runner.glue_settings_for` picks each
+task's settings: `--mode probe` is `glue_probe.PROBE_PROTOCOL`, `--protocol reference` is
+`glue.REFERENCE_PROTOCOL`, otherwise the command-line settings), but the baseline is run once and
+compared with every model (probe features are cached per model across seeds). Every finished
+(model, task, seed) run is appended to runs.jsonl at once, so `--resume` continues an interrupted
+measurement. Writes summary.json (config, versions, git hash, date, per-task settings and cost,
+each model's deltas with paired bootstrap intervals and the baseline's noise floor),
+predictions/<task>_seed<k>.tsv, deltas_<name>.png, and prints a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from normswap.assets import asset  # noqa: E402
-from normswap.evaluation import glue, glue_data, results  # noqa: E402
+from normswap.evaluation import glue, glue_data, glue_probe, results  # noqa: E402
+from normswap.evaluation.runner import DEV_SEED, EvalRequest, glue_settings_for  # noqa: E402
 from normswap.loading import load_tokenizer  # noqa: E402
 from normswap.log import setup_logging  # noqa: E402
 
@@ -33,20 +42,19 @@ from normswap.log import setup_logging  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default=str(asset("all-MiniLM-L6-v2")))
-    ap.add_argument("--converted", nargs="+", required=True, help="converted model folders")
+    ap.add_argument("--models", nargs="*", default=[], help="converted (or recovered) model folders to compare with the baseline")
     ap.add_argument("--glue-data", default=str(asset("glue")))
     ap.add_argument("--tasks", default="sst2,cola,rte,stsb")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--train-samples", type=int, default=500)
-    ap.add_argument("--dev-samples", type=int, default=500)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-seq-length", type=int, default=128)
+    ap.add_argument("--mode", choices=("finetune", "probe"), default="probe")
+    ap.add_argument("--protocol", choices=("reference",), default=None, help="fine-tuning: the documented per-task settings")
+    for name, kind in (("seeds", int), ("train-samples", int), ("epochs", float), ("lr", float), ("batch-size", int),
+                       ("max-seq-length", int)):
+        ap.add_argument(f"--{name}", type=kind, default=None, help="overrides the protocol's value")
+    ap.add_argument("--dev-samples", type=int, default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="skip runs already in runs.jsonl")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads; 1 avoids OpenMP spin-waiting when other jobs share the cores (10x less CPU time per step measured here)")
+                    help="torch threads; 1 avoids OpenMP spin-waiting when other jobs share the cores")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,42 +69,47 @@ def main() -> None:
             done[(r["model"], r["task"], r["seed"])] = r
     elif log_path.exists():
         log_path.unlink()
-    settings = glue.GlueSettings(train_samples=args.train_samples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                 max_seq_length=args.max_seq_length, seeds=args.seeds)
-    settings.validate()
+    given = {k: v for k in ("seeds", "train_samples", "epochs", "lr", "batch_size", "max_seq_length") if (v := getattr(args, k)) is not None}
+    req = EvalRequest(model=args.baseline, glue=args.tasks, glue_data=args.glue_data, glue_mode=args.mode, glue_protocol=args.protocol,
+                      glue_given=given, glue_settings=glue.GlueSettings(**given), dev_samples=args.dev_samples)
     tok = load_tokenizer(args.baseline)
-    models = {"baseline": args.baseline} | {Path(p).name: p for p in args.converted}
+    models = {"baseline": args.baseline} | {Path(p).name: p for p in args.models}
     tasks = glue_data.parse_tasks(args.tasks)
     t_start = time.perf_counter()
     runs: dict[tuple[str, str], list[glue.GlueRun]] = {}
-    sizes = {}
+    info: dict[str, dict] = {}
     for task in tasks:
-        train_rows = glue_data.subsample(glue_data.read_split(args.glue_data, task, "train"), settings.train_samples, settings.data_seed)
-        dev_rows = glue_data.subsample(glue_data.read_split(args.glue_data, task, "dev"), args.dev_samples, settings.data_seed)
-        train_enc, dev_enc = glue.encode(tok, train_rows, settings.max_seq_length), glue.encode(tok, dev_rows, settings.max_seq_length)
-        sizes[task.name] = {"train_examples": len(train_rows), "dev_examples": len(dev_rows),
-                            "train_tokens": sum(map(len, train_enc.input_ids)), "dev_tokens": sum(map(len, dev_enc.input_ids))}
-        for seed in range(settings.seeds):
+        s = glue_settings_for(req, task)
+        s.validate()
+        train_rows = glue_data.read_split(args.glue_data, task, "train")
+        dev_rows = glue_data.subsample(glue_data.read_split(args.glue_data, task, "dev"), args.dev_samples, DEV_SEED)
+        if args.mode == "finetune":
+            train_enc = glue.encode(tok, glue_data.subsample(train_rows, s.train_samples, s.data_seed), s.max_seq_length)
+            dev_enc = glue.encode(tok, dev_rows, s.max_seq_length)
+        cache: dict = {}
+        t_task = time.perf_counter()
+        for seed in range(s.seeds):
             for name, path in models.items():
                 key = (name, task.name, seed)
                 if key in done:
                     r = done[key]
-                    run = glue.GlueRun(task.name, seed, r["metrics"], r["predictions"], r["train_examples"], r["steps"], r["train_tokens"], r["seconds"])
+                    run = glue.GlueRun(task.name, seed, r["metrics"], r["predictions"], r["train_examples"], r["steps"], r["train_tokens"],
+                                       r["seconds"], references=r.get("references"), fit=r.get("fit"))
+                elif args.mode == "probe":
+                    run = glue_probe.run_probe_task_seed(path, tok, task, train_rows, dev_rows, s, seed, cache=cache)
                 else:
-                    run = glue.run_task_seed(path, tok, task, train_enc, dev_enc, settings, seed)
+                    run = glue.run_task_seed(path, tok, task, train_enc, dev_enc, s, seed)
+                if key not in done:
                     with log_path.open("a") as f:
                         f.write(json.dumps({"model": name, "path": path, **run.__dict__}) + "\n")
                 runs.setdefault((name, task.name), []).append(run)
-            header = ["row", "label", *models]
-            rows = []
-            for i, ex in enumerate(dev_rows):
-                preds = [runs[(m, task.name)][-1].predictions[i] for m in models]
-                if task.labels is not None:
-                    preds = [task.labels[int(p)] for p in preds]
-                rows.append([ex.row, ex.label if task.labels is None else task.labels[int(ex.label)], *preds])
-            results.write_tsv(out / "predictions" / f"{task.name}_seed{seed}.tsv", header, rows)
+            _write_predictions(out, task, seed, dev_rows, models, runs)
+        info[task.name] = {"settings": dataclasses.asdict(s),
+                           "train_examples": runs[("baseline", task.name)][0].train_examples, "dev_examples": len(dev_rows),
+                           "seconds": time.perf_counter() - t_task,
+                           "baseline_seconds": sum(r.seconds for r in runs[("baseline", task.name)])}
     wall = time.perf_counter() - t_start
-
+    protocol = "probe" if args.mode == "probe" else (args.protocol or "custom")
     summary: dict[str, dict] = {}
     for name in models:
         if name == "baseline":
@@ -104,36 +117,52 @@ def main() -> None:
         per_task = {t.name: glue.summarise(runs[(name, t.name)], runs[("baseline", t.name)]) for t in tasks}
         per_task["average"] = {"score": glue.glue_average(per_task)}
         summary[name] = per_task
-        results.delta_chart(out / f"deltas_{name}.png", {"glue": per_task}, f"GLUE: {name} - baseline (MiniLM, {settings.seeds} seeds)")
-    train_seconds = sum(r.seconds for rs in runs.values() for r in rs)
+        results.delta_chart(out / f"deltas_{name}.png", {"glue": per_task}, f"GLUE ({protocol}): {name} - all-MiniLM-L6-v2")
     payload = {
-        "config": {**vars(args), "settings": settings.to_dict(), "models": models}, **results.provenance(),
-        "data": sizes, "wall_seconds": wall, "run_seconds_total": train_seconds, "glue": summary,
+        "config": {**vars(args), "models": models, "protocol": protocol}, **results.provenance(),
+        "tasks": info, "wall_seconds": wall, "glue": summary,
         "baseline": {t.name: glue.summarise(runs[("baseline", t.name)], None) for t in tasks},
     }
     results.write_json(out / "summary.json", payload)
-    print(render(summary, settings, sizes, wall))
+    print(render(payload))
 
 
-def render(summary: dict, settings: glue.GlueSettings, sizes: dict, wall: float) -> str:
-    """A markdown table: per task and metric, baseline and each conversion as mean ± std, and deltas."""
-    names = list(summary)
-    first = summary[names[0]]
-    head = "| task | metric | baseline | " + " | ".join(f"{n} | Δ {n}" for n in names) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(names) + 1)]
-    for task, metrics in first.items():
-        for metric, r in metrics.items():
-            base = f"{r['baseline_mean']:.4f}" + (f" ± {r['baseline_std']:.4f}" if "baseline_std" in r else "")
+def _write_predictions(out: Path, task: glue_data.GlueTask, seed: int, dev_rows: list, models: dict, runs: dict) -> None:
+    rows = []
+    for i, ex in enumerate(dev_rows):
+        preds = [runs[(m, task.name)][-1].predictions[i] for m in models]
+        if task.labels is not None:
+            preds = [task.labels[int(p)] for p in preds]
+        rows.append([ex.row, ex.label if task.labels is None else task.labels[int(ex.label)], *preds])
+    results.write_tsv(out / "predictions" / f"{task.name}_seed{seed}.tsv", ["row", "label", *models], rows)
+
+
+def render(payload: dict) -> str:
+    """Markdown: the baseline per task and metric (mean ± std over seeds), each model's delta with its
+    paired 95% interval (`~` inside the noise, `*` outside it), then settings and cost."""
+    names = list(payload["glue"])
+    head = "| task | metric | baseline | " + " | ".join(f"Δ {n}" for n in names) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for task, metrics in payload["baseline"].items():
+        for metric, b in metrics.items():
             cells = []
             for n in names:
-                c = summary[n][task][metric]
-                cells += [f"{c['mean']:.4f}" + (f" ± {c['std']:.4f}" if "std" in c else ""), f"{c['delta']:+.4f}"]
-            lines.append(f"| {task} | {metric} | {base} | " + " | ".join(cells) + " |")
-    budget = (f"budget: {settings.seeds} seeds; train rows {settings.train_samples} (fixed subset), {settings.epochs} epoch(s), "
-              f"batch {settings.batch_size}, lr {settings.lr}, max_seq_length {settings.max_seq_length}; "
-              + ", ".join(f"{t}: {d['train_examples']} train / {d['dev_examples']} dev" for t, d in sizes.items())
-              + f"; wall {wall / 60:.1f} min on {os.cpu_count()} CPU cores")
-    return "\n".join(lines) + "\n\n" + budget
+                c = payload["glue"][n][task][metric]
+                ci = c.get("delta_ci95")
+                mark = "" if c.get("within_noise") is None else (" ~" if c["within_noise"] else " *")
+                cells.append(f"{c['delta']:+.4f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + mark)
+            lines.append(f"| {task} | {metric} | {b['mean']:.4f} ± {b['std']:.4f} | " + " | ".join(cells) + " |")
+    how = []
+    for task, d in payload["tasks"].items():
+        s = d["settings"]
+        extra = (f"{s.get('cv_folds')}-fold CV" if payload["config"]["protocol"] == "probe"
+                 else f"{s['epochs']} epoch(s), lr {s['lr']}, batch {s['batch_size']}")
+        how.append(f"{task}: {d['train_examples']} train / {d['dev_examples']} dev rows, {s['seeds']} seed(s), {extra}, "
+                   f"max_seq_length {s['max_seq_length']}; baseline {d['baseline_seconds']:.0f} s")
+    return ("\n".join(lines) + f"\n\nprotocol: {payload['config']['protocol']}; Δ = model - baseline (metric mean over seeds) "
+            "[paired bootstrap 95% interval over dev items]; ~ = within the noise (interval contains 0 or |Δ| <= 2 x the "
+            "baseline's seed std), * = outside it\n" + "\n".join(how) + f"\nwall {payload['wall_seconds'] / 60:.1f} min on "
+            f"{os.cpu_count()} CPU cores")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,79 @@ def test_summary_mean_std_delta_and_average():
     assert glue.summarise(conv[:1], None)["pearson"] == {"mean": 0.8, "std": 0.0, "seeds": [0.8]}
 
 
+def _loop_ci(metric_fn, conv_preds, base_preds, labels, resamples, seed):
+    """The GLUE delta interval written plainly: per resample, each seed's metric on the same indices, averaged per model."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    d = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(labels), len(labels))
+        c = np.mean([metric_fn(labels[idx], np.asarray(p)[idx]) for p in conv_preds])
+        b = np.mean([metric_fn(labels[idx], np.asarray(p)[idx]) for p in base_preds])
+        d.append(c - b)
+    return [np.percentile(d, 2.5), np.percentile(d, 97.5)]
+
+
+def _scored_run(task, seed, preds, labels):
+    from normswap.evaluation.metrics import compute_glue_metrics
+
+    return glue.GlueRun(task, seed, compute_glue_metrics(task, preds, labels), list(preds), references=list(labels))
+
+
+def test_summary_delta_interval_equals_a_direct_loop_and_flags_noise():
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 120).tolist()
+    noisy = lambda p_right: [y if rng.random() < p_right else 1 - y for y in labels]  # noqa: E731
+    conv = [_scored_run("cola", s, noisy(0.80), labels) for s in range(3)]
+    base = [_scored_run("cola", s, noisy(0.78), labels) for s in range(2)]
+    row = glue.summarise(conv, base, resamples=300, seed=4)["matthews_correlation"]
+    want = _loop_ci(matthews_corrcoef, [r.predictions for r in conv], [r.predictions for r in base], labels, 300, 4)
+    assert row["delta_ci95"] == pytest.approx(want, abs=1e-12)
+    assert row["noise_floor"] == pytest.approx(statistics.stdev(r.metrics["matthews_correlation"] for r in base))
+    contains_zero = row["delta_ci95"][0] <= 0 <= row["delta_ci95"][1]
+    assert row["within_noise"] == (contains_zero or abs(row["delta"]) <= 2 * row["noise_floor"])
+    # the existing keys are untouched
+    assert row["delta"] == pytest.approx(row["mean"] - row["baseline_mean"])
+    assert {"mean", "std", "seeds", "baseline_mean", "baseline_std", "delta", "baseline_seeds"} <= set(row)
+    # default resamples and seed are 1000 and 0; explicit labels give the same as the runs' own
+    acc = [_scored_run("sst2", 0, noisy(0.9), labels)], [_scored_run("sst2", 0, noisy(0.7), labels)]
+    default = glue.summarise(*acc)["accuracy"]
+    assert default["delta_ci95"] == pytest.approx(_loop_ci(accuracy_score, [acc[0][0].predictions], [acc[1][0].predictions], labels, 1000, 0),
+                                                  abs=1e-12)
+    assert glue.summarise(*acc, references=labels)["accuracy"]["delta_ci95"] == default["delta_ci95"]
+    # a single baseline seed has no noise floor: only the interval decides, and this one clearly excludes 0
+    assert default["noise_floor"] is None and default["delta_ci95"][0] > 0 and default["within_noise"] is False
+
+
+def test_summary_of_identical_models_is_within_noise_and_of_runs_without_predictions_has_no_interval():
+    rng = np.random.default_rng(1)
+    labels = rng.uniform(0, 5, 60).round(1).tolist()
+    preds = (np.asarray(labels) + rng.normal(0, 1, 60)).tolist()
+    same = glue.summarise([_scored_run("stsb", 0, preds, labels)], [_scored_run("stsb", 0, preds, labels)])
+    for metric in ("pearson", "spearmanr"):
+        assert same[metric]["delta_ci95"] == [0.0, 0.0] and same[metric]["within_noise"] is True
+    conv = [_run({"pearson": v, "spearmanr": v}, k) for k, v in enumerate([0.80, 0.81])]
+    base = [_run({"pearson": v, "spearmanr": v}, k) for k, v in enumerate([0.70, 0.72])]
+    row = glue.summarise(conv, base)["pearson"]
+    assert row["delta_ci95"] is None and row["noise_floor"] == pytest.approx(statistics.stdev([0.70, 0.72]))
+    assert row["within_noise"] is False  # 0.095 > 2 x 0.014
+    one = glue.summarise(conv[:1], base[:1])["pearson"]
+    assert one["delta_ci95"] is None and one["noise_floor"] is None and one["within_noise"] is None
+    with pytest.raises(ValueError, match="different dev labels"):
+        glue.summarise([_scored_run("stsb", 0, preds, labels)], [_scored_run("stsb", 0, preds, labels[::-1])])
+
+
+def test_reference_protocol_table():
+    p = glue.REFERENCE_PROTOCOL
+    assert {t: (s.train_samples, s.epochs, s.lr, s.batch_size, s.max_seq_length, s.seeds) for t, s in p.items()} == {
+        "stsb": (None, 3, 5e-5, 32, 128, 1), "cola": (None, 3, 5e-5, 32, 64, 1),
+        "rte": (None, 4, 5e-5, 16, 128, 1), "sst2": (20_000, 1, 5e-5, 32, 64, 1)}
+    for s in p.values():
+        s.validate()
+
+
 def test_settings_are_validated():
     with pytest.raises(NormswapError, match="--epochs"):
         glue.GlueSettings(epochs=0).validate()
@@ -134,6 +207,7 @@ def test_regression_task_predicts_scores(tiny):
     run = glue.run_task_seed(str(tiny["rms"]), tiny["tok"], spec, train, dev, glue.GlueSettings(epochs=1, batch_size=32, max_seq_length=32), seed=1)
     assert set(run.metrics) == {"pearson", "spearmanr"}
     assert all(isinstance(p, float) for p in run.predictions) and len(set(run.predictions)) > 1
+    assert run.references == dev.labels  # what the summary's paired bootstrap scores against
 
 
 @pytest.mark.parametrize("kind,cls", [("rms", RMSNorm), ("dyt", DyT)])

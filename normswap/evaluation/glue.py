@@ -8,7 +8,11 @@ them before the new head is attached.
 
 The loop is deliberately plain: AdamW (no decay on biases and norm weights), linear warm-up then
 linear decay, gradient clipping at 1.0, dynamic padding; cross-entropy for classification and MSE
-for STS-B regression.
+for STS-B regression. (`glue_probe` is the fast alternative: a frozen encoder and a linear head.)
+
+`summarise` says how far each delta can be trusted: a paired bootstrap interval over dev items
+(`normswap.evaluation.bootstrap`), the baseline's seed-to-seed std as the noise floor, and whether
+the delta is within either.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from normswap.errors import NormswapError
+from normswap.evaluation import bootstrap
 from normswap.evaluation.glue_data import GlueExample, GlueTask
 from normswap.evaluation.metrics import compute_glue_metrics
 from normswap.evaluation.progress import progress_bar
@@ -63,6 +69,17 @@ class GlueSettings:
         return asdict(self)
 
 
+# The reference fine-tuning protocol, per task: the settings normswap's published GLUE deltas are
+# measured with (train_samples None: the whole train split). Copy before changing one, e.g.
+# `dataclasses.replace(REFERENCE_PROTOCOL["rte"], seeds=3)`.
+REFERENCE_PROTOCOL: dict[str, GlueSettings] = {
+    "stsb": GlueSettings(train_samples=None, epochs=3, lr=5e-5, batch_size=32, max_seq_length=128, seeds=1),
+    "cola": GlueSettings(train_samples=None, epochs=3, lr=5e-5, batch_size=32, max_seq_length=64, seeds=1),
+    "rte": GlueSettings(train_samples=None, epochs=4, lr=5e-5, batch_size=16, max_seq_length=128, seeds=1),
+    "sst2": GlueSettings(train_samples=20_000, epochs=1, lr=5e-5, batch_size=32, max_seq_length=64, seeds=1),
+}
+
+
 @dataclass
 class GlueRun:
     """The outcome of fine-tuning one model on one task with one seed."""
@@ -75,6 +92,9 @@ class GlueRun:
     steps: int = 0
     train_tokens: int = 0  # padded tokens seen in training
     seconds: float = 0.0
+    # the dev labels the predictions are scored against (what the paired bootstrap of `summarise` needs)
+    references: list[float] | None = field(default=None, repr=False)
+    fit: dict[str, Any] | None = None  # probe mode: the head's chosen hyperparameter and its cross-validated score
 
 
 @dataclass
@@ -292,15 +312,21 @@ def run_task_seed(
     torch.manual_seed(seed)  # dropout stream, independent of how much randomness loading used
     steps, tokens = train(model, train_data, task, settings, seed, pad_id, progress, name=name_or_path)
     preds = predict(model, dev_data, task, settings, pad_id, progress, name=name_or_path)
-    metrics = compute_glue_metrics(task.name, preds, dev_data.labels)
-    for key, value in metrics.items():
-        if not math.isfinite(value):
-            why = "its dev predictions are all equal" if len(set(preds)) == 1 else "the metric is undefined on these predictions"
-            raise NormswapError(f"GLUE {task.name} {key} of {name_or_path} (seed {seed}) is {value}: {why}")
+    metrics = scored(task, preds, dev_data.labels, name_or_path, seed)
     seconds = time.perf_counter() - t0
     logger.info("%s %s seed %d: %s (%d steps, %.0f s)", task.name, name_or_path, seed,
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), steps, seconds)
-    return GlueRun(task.name, seed, metrics, preds, len(train_data.labels), steps, tokens, seconds)
+    return GlueRun(task.name, seed, metrics, preds, len(train_data.labels), steps, tokens, seconds, references=list(dev_data.labels))
+
+
+def scored(task: GlueTask, preds: Sequence[float], labels: Sequence[float], name: str, seed: int) -> dict[str, float]:
+    """The GLUE metrics of dev predictions; an undefined (non-finite) one is an error naming `name` and the seed."""
+    metrics = compute_glue_metrics(task.name, preds, labels)
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            why = "its dev predictions are all equal" if len(set(preds)) == 1 else "the metric is undefined on these predictions"
+            raise NormswapError(f"GLUE {task.name} {key} of {name} (seed {seed}) is {value}: {why}")
+    return metrics
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -310,9 +336,26 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarise(converted: Sequence[GlueRun], baseline: Sequence[GlueRun] | None) -> dict[str, dict[str, float | list[float]]]:
-    """Per metric: mean and sample std (ddof 1) over seeds, baseline's, and delta = converted - baseline."""
+def summarise(converted: Sequence[GlueRun], baseline: Sequence[GlueRun] | None, references: Sequence[float] | None = None, *,
+              resamples: int = bootstrap.RESAMPLES, seed: int = bootstrap.SEED, level: float = bootstrap.LEVEL) -> dict[str, dict[str, Any]]:
+    """Per metric: mean and sample std (ddof 1) over seeds, the baseline's, delta = converted - baseline,
+    and, with a baseline, how far that delta can be trusted:
+
+    - `delta_ci95`: [lo, hi], the paired bootstrap percentile interval (`normswap.evaluation.bootstrap`,
+      `resamples` resamples from `seed`) over dev items: each resample draws dev indices with
+      replacement and takes the metric averaged over the converted model's seeds minus the same
+      for the baseline, both on those indices (the per-seed dev predictions are `GlueRun.predictions`,
+      the labels `references` or else the runs' own `GlueRun.references`). None when the runs carry
+      no dev predictions or labels, or no resample gives a finite delta.
+    - `noise_floor`: the baseline's seed-to-seed std (ddof 1); None with a single baseline seed.
+    - `within_noise`: True when the interval contains 0 *or* |delta| <= 2 x noise_floor, i.e. the
+      delta is explained by either dev-set sampling or seed-to-seed variation; False when neither
+      check can explain it; None when neither check is available.
+
+    Without a baseline the row holds mean, std and seeds only.
+    """
     out: dict[str, dict[str, Any]] = {}
+    labels = _references(converted, baseline, references)
     for metric in converted[0].metrics:
         vals = [r.metrics[metric] for r in converted]
         mean, std = _mean_std(vals)
@@ -320,9 +363,62 @@ def summarise(converted: Sequence[GlueRun], baseline: Sequence[GlueRun] | None) 
         if baseline:
             bvals = [r.metrics[metric] for r in baseline]
             bmean, bstd = _mean_std(bvals)
-            row.update(baseline_mean=bmean, baseline_std=bstd, delta=mean - bmean, baseline_seeds=bvals)
+            delta = mean - bmean
+            row.update(baseline_mean=bmean, baseline_std=bstd, delta=delta, baseline_seeds=bvals)
+            ci = None if labels is None else delta_interval(metric, converted, baseline, labels, resamples=resamples, seed=seed, level=level)
+            noise = bstd if len([v for v in bvals if v == v]) > 1 else None
+            checks = []
+            if ci is not None:
+                checks.append(ci[0] <= 0.0 <= ci[1])
+            if noise is not None and delta == delta:
+                checks.append(abs(delta) <= 2 * noise)
+            row.update(delta_ci95=None if ci is None else list(ci), noise_floor=noise, within_noise=any(checks) if checks else None)
         out[metric] = row
     return out
+
+
+def _references(converted: Sequence[GlueRun], baseline: Sequence[GlueRun] | None,
+                references: Sequence[float] | None) -> np.ndarray | None:
+    """The dev labels shared by all runs, or None when the bootstrap cannot run (no predictions or labels)."""
+    if not baseline:
+        return None
+    runs = list(converted) + list(baseline)
+    if references is None:
+        given = [r.references for r in runs if r.references is not None]
+        if len(given) < len(runs):
+            return None
+        if any(list(g) != list(given[0]) for g in given[1:]):
+            raise ValueError("the GLUE runs were scored on different dev labels, so their deltas cannot be paired")
+        references = given[0]
+    n = len(references)
+    if n == 0:
+        return None
+    bad = [r for r in runs if len(r.predictions) != n]
+    if bad:
+        if all(len(r.predictions) == 0 for r in bad):
+            return None  # runs without their dev predictions (e.g. re-read from a summary)
+        raise ValueError(f"the {bad[0].task} run of seed {bad[0].seed} has {len(bad[0].predictions)} dev predictions for {n} labels")
+    return np.asarray(references, dtype=np.float64)
+
+
+def delta_interval(metric: str, converted: Sequence[GlueRun], baseline: Sequence[GlueRun], references: Sequence[float] | np.ndarray, *,
+                   resamples: int = bootstrap.RESAMPLES, seed: int = bootstrap.SEED,
+                   level: float = bootstrap.LEVEL) -> tuple[float, float] | None:
+    """Paired bootstrap interval over dev items of (metric averaged over converted seeds) - (the same
+    for the baseline), every seed of both models scored on the same resampled indices; None when no
+    resample gives a finite delta (e.g. constant predictions make a correlation undefined)."""
+    ref = np.asarray(references, dtype=np.float64)
+    conv = [np.asarray(r.predictions, dtype=np.float64) for r in converted]
+    base = [np.asarray(r.predictions, dtype=np.float64) for r in baseline]
+
+    def delta(idx: np.ndarray) -> np.ndarray:
+        y = ref[idx]
+        c = np.mean([bootstrap.metric_rows(metric, p[idx], y) for p in conv], axis=0)
+        b = np.mean([bootstrap.metric_rows(metric, p[idx], y) for p in base], axis=0)
+        return c - b
+
+    d = bootstrap.bootstrap_deltas(delta, len(ref), resamples=resamples, seed=seed, batched=True)
+    return bootstrap.percentile_interval(d, level) if d.size else None
 
 
 def glue_average(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:

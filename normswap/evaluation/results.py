@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from normswap.errors import NormswapError
 
 _LIBRARIES = ("normswap", "torch", "transformers", "evaluate", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn",
-              "jiwer", "soundfile")
+              "jiwer", "soundfile", "lm-eval", "datasets")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -99,9 +99,12 @@ def write_tsv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Seq
     return path
 
 
-def delta_rows(results: dict[str, Any]) -> list[tuple[str, float, float | None]]:
+Spread = float | tuple[float, float] | None  # symmetric half-width, (below, above) an interval, or none
+
+
+def delta_rows(results: dict[str, Any]) -> list[tuple[str, float, Spread]]:
     """(label, delta, spread) for every compared figure in a results dict, for the chart."""
-    rows: list[tuple[str, float, float | None]] = []
+    rows: list[tuple[str, float, Spread]] = []
     ppl = results.get("ppl")
     if ppl and ppl.get("delta") is not None and math.isfinite(ppl["baseline"]):
         rows.append((f"{ppl.get('kind', 'causal')} ppl (rel. %)", 100.0 * ppl["delta"] / ppl["baseline"], None))
@@ -119,12 +122,30 @@ def delta_rows(results: dict[str, Any]) -> list[tuple[str, float, float | None]]
     if asr and asr.get("delta") is not None:
         ci = asr.get("delta_ci95")  # the bar's error is half the paired-bootstrap interval's width
         rows.append(("ASR WER (points)", 100.0 * asr["delta"], 50.0 * (ci[1] - ci[0]) if ci else None))
+    for task, metrics in (results.get("tasks") or {}).items():
+        for metric, cell in metrics.items():
+            if not isinstance(cell, dict) or cell.get("delta") is None:
+                continue
+            ci = cell.get("ci95")
+            spread = (cell["delta"] - ci[0], ci[1] - cell["delta"]) if ci else None
+            if metric == "perplexity" and cell.get("baseline"):  # like text perplexity: relative, in %
+                scale = 100.0 / cell["baseline"]
+                rows.append((f"{task} ppl (rel. %)", scale * cell["delta"], (scale * spread[0], scale * spread[1]) if spread else None))
+            else:
+                rows.append((f"{task} {metric}", cell["delta"], spread))
     # an overflowed (inf) perplexity has no finite bar: the chart leaves it out rather than plot NaN
-    return [r for r in rows if math.isfinite(r[1]) and (r[2] is None or math.isfinite(r[2]))]
+    return [r for r in rows if math.isfinite(r[1]) and all(math.isfinite(e) for e in _spread_pair(r[2]))]
+
+
+def _spread_pair(spread: Spread) -> tuple[float, float]:
+    if spread is None:
+        return 0.0, 0.0
+    return (spread, spread) if isinstance(spread, (int, float)) else (float(spread[0]), float(spread[1]))
 
 
 def delta_chart(path: str | os.PathLike, results: dict[str, Any], title: str) -> Path | None:
-    """A horizontal bar chart of converted - baseline per figure (error bars: seed spread); None if nothing to plot."""
+    """A horizontal bar chart of converted - baseline per figure (error bars: the seed spread, or the
+    paired bootstrap interval where there is one); None if nothing to plot."""
     rows = delta_rows(results)
     if not rows:
         return None
@@ -135,13 +156,13 @@ def delta_chart(path: str | os.PathLike, results: dict[str, Any], title: str) ->
 
     labels = [r[0] for r in rows]
     deltas = [r[1] for r in rows]
-    errs = [r[2] or 0.0 for r in rows]
+    errs = [[_spread_pair(r[2])[0] for r in rows], [_spread_pair(r[2])[1] for r in rows]]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
     colors = ["tab:green" if d >= 0 else "tab:red" for d in deltas]
     if "ppl" in labels[0]:  # lower perplexity is better
         colors[0] = "tab:green" if deltas[0] <= 0 else "tab:red"
     for i, label in enumerate(labels):
-        if "WER" in label:  # lower is better too
+        if "WER" in label or "ppl" in label:  # lower is better too
             colors[i] = "tab:green" if deltas[i] <= 0 else "tab:red"
     ax.barh(range(len(rows)), deltas, xerr=errs, color=colors, capsize=3)
     ax.set_yticks(range(len(rows)), labels)

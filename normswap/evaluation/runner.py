@@ -19,6 +19,7 @@ from normswap import audio
 from normswap.errors import NormswapError
 from normswap.evaluation import asr as asr_eval, checks, glue, glue_data, perplexity, results, sts
 from normswap.evaluation.glue import GlueSettings
+from normswap.evaluation.zeroshot import TaskSettings
 from normswap.log import logger
 from normswap.outputs import atomic_output, check_output
 
@@ -41,7 +42,10 @@ class EvalRequest:
     sts_batch_size: int = 64
     glue: str | None = None
     glue_data: str | None = None
-    glue_settings: GlueSettings = field(default_factory=GlueSettings)
+    glue_settings: GlueSettings = field(default_factory=GlueSettings)  # --glue-mode finetune without a protocol
+    glue_mode: str = "finetune"  # "finetune" (a head per task and seed) | "probe" (frozen encoder, linear head)
+    glue_protocol: str | None = None  # "reference": per-task settings of glue.REFERENCE_PROTOCOL
+    glue_given: dict[str, Any] = field(default_factory=dict)  # settings given explicitly: they override a protocol's
     dev_samples: int | None = None  # score a fixed subset of dev (budget runs); None: all of dev
     asr: str | None = None  # folder of audio files with transcripts.tsv (and manifest.tsv): WER
     asr_subsets: list[str] | None = None  # only these manifest subsets (e.g. test-clean); None: every utterance
@@ -49,6 +53,7 @@ class EvalRequest:
     asr_batch_size: int = 16
     asr_resamples: int = 1000  # paired bootstrap of the WER difference (asr.BOOTSTRAP_RESAMPLES)
     asr_seed: int = 0  # its seed (asr.BOOTSTRAP_SEED)
+    tasks: TaskSettings | None = None  # zero-shot tasks through lm-evaluation-harness
     out: str | None = None
     overwrite: bool = False  # replace an existing `out` (once the new results are complete)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
@@ -67,8 +72,8 @@ def _models(req: EvalRequest) -> list[tuple[str, str]]:
 
 
 def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
-    if not (req.ppl or req.sts or req.glue or req.asr):
-        raise NormswapError("nothing to evaluate: give --ppl FILE, --sts FILE, --glue TASKS and/or --asr DIR")
+    if not (req.ppl or req.sts or req.glue or req.asr or req.tasks):
+        raise NormswapError("nothing to evaluate: give --ppl FILE, --sts FILE, --glue TASKS, --tasks TASKS and/or --asr DIR")
     if req.out:
         check_output(req.out, overwrite=req.overwrite, inputs=_inputs(req))
     tasks: list[glue_data.GlueTask] = []
@@ -76,7 +81,8 @@ def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
         tasks = glue_data.parse_tasks(req.glue)
         if not req.glue_data:
             raise NormswapError("--glue needs --glue-data DIR (a folder in the GLUE layout: DIR/SST-2/train.tsv, ...)")
-        req.glue_settings.validate()
+        for t in tasks:
+            glue_settings_for(req, t).validate()
         for t in tasks:
             glue_data.split_file(req.glue_data, t, "train")
             glue_data.split_file(req.glue_data, t, "dev")
@@ -133,7 +139,6 @@ def _check_glue_data(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask]
     inputs longer than a model's positions."""
     from normswap.loading import load_config
 
-    s = req.glue_settings
     limits = []
     for _, path in _models(req):
         try:
@@ -141,8 +146,9 @@ def _check_glue_data(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask]
         except NormswapError:
             pass  # a converted folder or an unusual config: the loader reports problems later
     for t in tasks:
+        s = glue_settings_for(req, t)
         splits = {split: glue_data.read_split(req.glue_data, t, split) for split in ("train", "dev")}
-        dev = glue_data.subsample(splits["dev"], req.dev_samples, s.data_seed)
+        dev = glue_data.subsample(splits["dev"], req.dev_samples, DEV_SEED)
         if t.is_regression and len({e.label for e in dev}) == 1:
             raise NormswapError(f"the dev scores of {t.name} ({glue_data.split_file(req.glue_data, t, 'dev')}) are all {dev[0].label:g}, "
                                 "so its correlations are undefined")
@@ -152,7 +158,7 @@ def _check_glue_data(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask]
                                 f"after {special} special tokens")
         for limit, path in limits:
             if limit is not None and s.max_seq_length > limit:
-                train = glue_data.subsample(splits["train"], s.train_samples, s.data_seed)
+                train = glue_data.subsample(splits["train"], s.train_samples, getattr(s, "data_seed", DEV_SEED))
                 longest = max(len(ids) for ids in glue.encode(tok, train + dev, s.max_seq_length).input_ids)
                 if longest > limit:
                     raise NormswapError(f"--max-seq-length {s.max_seq_length} is above the {limit} positions of {path}, and {t.name} "
@@ -164,15 +170,16 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     t0 = time.perf_counter()
     tok, tasks = _validate(req)
     speech = _validate_asr(req) if req.asr else None
+    specs = _validate_tasks(req) if req.tasks else None
     text = perplexity.load_text(req.ppl) if req.ppl else None
     pairs = sts.read_sts(req.sts) if req.sts else None
     if not req.out:
-        return _evaluate(req, tok, tasks, text, pairs, None, t0, speech)
+        return _evaluate(req, tok, tasks, text, pairs, None, t0, speech, specs)
     # Results are written into a staging folder that replaces --out only when complete.
     final = Path(req.out)
     with atomic_output(final, overwrite=req.overwrite, inputs=_inputs(req)) as out:
         (out / "predictions").mkdir()
-        res = _evaluate(req, tok, tasks, text, pairs, out, t0, speech)
+        res = _evaluate(req, tok, tasks, text, pairs, out, t0, speech, specs)
     for key in ("results_file", "chart"):
         if key in res:
             res[key] = str(final / Path(res[key]).relative_to(out))
@@ -181,11 +188,12 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
 
 def _inputs(req: EvalRequest) -> dict[str, str | None]:
     return {"model": req.model, "baseline": req.baseline, "--ppl text": req.ppl, "--sts file": req.sts, "--glue-data folder": req.glue_data,
-            "--asr folder": req.asr}
+            "--asr folder": req.asr, "--tasks-data folder": req.tasks.data if req.tasks else None,
+            "--include-path folder": req.tasks.include_path if req.tasks else None}
 
 
 def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text: str | None, pairs: list[sts.StsPair] | None,
-              out: Path | None, t0: float, speech: AsrInputs | None = None) -> dict[str, Any]:
+              out: Path | None, t0: float, speech: AsrInputs | None = None, specs: list[Any] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"model": req.model, "baseline": req.baseline}
     details: dict[str, Any] = {}
     if text is not None:
@@ -194,6 +202,10 @@ def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text:
         res["sts"] = run_sts(req, tok, pairs, out)
     if speech is not None:
         res["asr"] = run_asr(req, speech, out)
+    if specs is not None:
+        from normswap.evaluation import zeroshot
+
+        res["tasks"], res["tasks_settings"] = zeroshot.run_tasks(_models(req), req.tasks, specs, out, req.progress)
     if tasks:
         res["glue"], res["glue_settings"], details["glue_runs"] = run_glue(req, tok, tasks, out)
     res["seconds"] = time.perf_counter() - t0
@@ -219,7 +231,8 @@ def _load_lm(path: str) -> tuple[nn.Module, str]:
 
 def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
     """Perplexity of the converted model and the baseline on the same tokens and windows."""
-    ids = perplexity.tokenize_text(tok, text, req.max_tokens)
+    tt = perplexity.tokenize_text_bytes(tok, text, req.max_tokens)
+    ids = tt.ids
     loaded = {role: _load_lm(path) for role, path in _models(req)}  # check heads and lengths before scoring
     kind = loaded["converted"][1]
     if "baseline" in loaded and loaded["baseline"][1] != kind:
@@ -238,10 +251,10 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
         logger.info("perplexity of %s (%s LM, %d tokens, max_length %d)", path, kind, int(ids.numel()), max_length)
         if kind == "causal":
             scored[role] = perplexity.causal_perplexity(model, ids, max_length=max_length, stride=req.stride,
-                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path)
+                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path, text=tt)
         elif req.pseudo_ppl:
             scored[role] = perplexity.pseudo_perplexity(model, tok, ids, max_length=max_length,
-                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path)
+                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path, text=tt)
         else:
             scored[role] = perplexity.masked_lm_perplexity(model, tok, ids, max_length=max_length, mask_probability=req.mlm_probability,
                                                            seed=req.mask_seed, batch_size=req.ppl_batch_size, progress=req.progress,
@@ -254,12 +267,14 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kind": c.kind, "value": c.value, "nll": c.nll, "tokens": c.tokens, "max_length": c.max_length,
         "stride": c.stride, "windows": c.windows, "text_tokens": c.text_tokens,
-        "nll_median": c.nll_median, "nll_p99": c.nll_p99, **c.extra,
+        "nll_median": c.nll_median, "nll_p99": c.nll_p99, "nll_sum": c.nll_sum, "bits_per_byte": c.bits_per_byte, "bytes": c.bytes,
+        **c.extra,
     }
     if "baseline" in scored:
         b = scored["baseline"]
         row.update(baseline=b.value, delta=_difference(c.value, b.value), baseline_nll=b.nll, delta_nll=c.nll - b.nll,
-                   baseline_nll_median=b.nll_median, baseline_nll_p99=b.nll_p99)
+                   baseline_nll_median=b.nll_median, baseline_nll_p99=b.nll_p99, baseline_bits_per_byte=b.bits_per_byte,
+                   delta_bits_per_byte=None if c.bits_per_byte is None or b.bits_per_byte is None else c.bits_per_byte - b.bits_per_byte)
     else:
         row.update(baseline=None, delta=None)
     return row
@@ -271,6 +286,23 @@ def _difference(a: float, b: float) -> float | None:
         logger.warning("both perplexities overflow a float64 (inf): compare their nll/token instead")
         return None
     return a - b
+
+
+# ---------------------------------------------------------------------------------- zero-shot tasks
+
+
+def _validate_tasks(req: EvalRequest) -> list[Any]:
+    """Task names, data files and lm-eval's task index, checked before any model is loaded."""
+    from normswap.evaluation import zeroshot
+
+    s = req.tasks
+    for value, option in ((s.limit, "--limit"), (s.batch_size, "--batch-size"), (s.resamples, "the number of bootstrap resamples")):
+        if value is not None and value < 1:
+            raise NormswapError(f"{option} must be positive, got {value}")
+    if s.num_fewshot is not None and s.num_fewshot < 0:
+        raise NormswapError(f"--num-fewshot must be 0 or more, got {s.num_fewshot}")
+    s.names = zeroshot.parse_names(s.names)
+    return zeroshot.task_specs(s)
 
 
 # ------------------------------------------------------------------------------------------------- STS
@@ -311,31 +343,83 @@ def run_sts(req: EvalRequest, tok: Any, pairs: list[sts.StsPair], out: Path | No
 # ------------------------------------------------------------------------------------------------ GLUE
 
 
+DEV_SEED = 0  # picks the --dev-samples subset, the same for every model, task and protocol
+PROBE_OPTIONS = ("train_samples", "seeds", "max_seq_length", "batch_size")  # what --glue-mode probe takes from the command line
+GLUE_PROTOCOLS = ("reference",)
+
+
+def glue_settings_for(req: EvalRequest, task: glue_data.GlueTask) -> Any:
+    """The settings one task runs with: the probe protocol's (`glue_probe.PROBE_PROTOCOL`), the
+    reference fine-tuning protocol's (`glue.REFERENCE_PROTOCOL`) or the request's own, with the
+    options given explicitly (`req.glue_given`) replacing a protocol's values."""
+    import dataclasses
+
+    if req.glue_mode == "probe":
+        from normswap.evaluation import glue_probe
+
+        wrong = sorted(set(req.glue_given) - set(PROBE_OPTIONS))
+        if wrong:
+            raise NormswapError(f"--{wrong[0].replace('_', '-')} applies to fine-tuning, not to --glue-mode probe "
+                                f"(a probe takes {', '.join('--' + o.replace('_', '-') for o in PROBE_OPTIONS)})")
+        if req.glue_protocol is not None:
+            raise NormswapError(f"--glue-protocol {req.glue_protocol} is a fine-tuning protocol; --glue-mode probe has its own")
+        return dataclasses.replace(glue_probe.probe_settings(task), **req.glue_given)
+    if req.glue_mode != "finetune":
+        raise NormswapError(f"unknown --glue-mode {req.glue_mode!r} (finetune or probe)")
+    if req.glue_protocol is None:
+        return req.glue_settings
+    if req.glue_protocol not in GLUE_PROTOCOLS:
+        raise NormswapError(f"unknown --glue-protocol {req.glue_protocol!r} ({', '.join(GLUE_PROTOCOLS)})")
+    if task.name not in glue.REFERENCE_PROTOCOL:
+        raise NormswapError(f"the reference protocol covers {', '.join(glue.REFERENCE_PROTOCOL)}, not {task.name}")
+    return dataclasses.replace(glue.REFERENCE_PROTOCOL[task.name], **req.glue_given)
+
+
 def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: Path | None) -> tuple[dict, dict, list]:
-    """Fine-tune and score every (task, seed) for both models; summaries, settings and per-run details."""
-    s = req.glue_settings
-    data = {}
+    """Fine-tune (or probe) and score every (task, seed) for both models; summaries, settings and per-run details."""
+    from normswap.evaluation import glue_probe
+
+    probe = req.glue_mode == "probe"
+    jobs = {}
     for t in tasks:  # read everything first: a bad file fails before any training
-        train_rows = glue_data.subsample(glue_data.read_split(req.glue_data, t, "train"), s.train_samples, s.data_seed)
-        dev_rows = glue_data.subsample(glue_data.read_split(req.glue_data, t, "dev"), req.dev_samples, s.data_seed)
-        data[t.name] = (dev_rows, glue.encode(tok, train_rows, s.max_seq_length), glue.encode(tok, dev_rows, s.max_seq_length))
+        s = glue_settings_for(req, t)
+        train_rows = glue_data.read_split(req.glue_data, t, "train")
+        dev_rows = glue_data.subsample(glue_data.read_split(req.glue_data, t, "dev"), req.dev_samples, DEV_SEED)
+        if probe:  # the probe draws its train_samples rows per seed itself
+            cache: dict[Any, Any] = {}  # features by text, per model, shared by the seeds
+
+            def one(path: str, seed: int, t=t, s=s, train_rows=train_rows, dev_rows=dev_rows, cache=cache) -> glue.GlueRun:
+                return glue_probe.run_probe_task_seed(path, tok, t, train_rows, dev_rows, s, seed, req.progress, cache)
+            train_n = min(len(train_rows), s.train_samples or len(train_rows))
+        else:
+            train_enc = glue.encode(tok, glue_data.subsample(train_rows, s.train_samples, s.data_seed), s.max_seq_length)
+            dev_enc = glue.encode(tok, dev_rows, s.max_seq_length)
+
+            def one(path: str, seed: int, t=t, s=s, train_enc=train_enc, dev_enc=dev_enc) -> glue.GlueRun:
+                return glue.run_task_seed(path, tok, t, train_enc, dev_enc, s, seed, req.progress)
+            train_n = len(train_enc.labels)
+        jobs[t.name] = (t, s, dev_rows, one, train_n)
     summary: dict[str, Any] = {}
     sizes: dict[str, dict[str, int]] = {}
     details: list[dict[str, Any]] = []
-    for t in tasks:
-        dev_rows, train_enc, dev_enc = data[t.name]
+    for t, s, dev_rows, one, train_n in jobs.values():
         runs: dict[str, list[glue.GlueRun]] = {role: [] for role, _ in _models(req)}
         for seed in range(s.seeds):
             for role, path in _models(req):
-                run = glue.run_task_seed(path, tok, t, train_enc, dev_enc, s, seed, req.progress)
+                run = one(path, seed)
                 runs[role].append(run)
-                details.append({"role": role, "model": path, **{k: v for k, v in asdict(run).items() if k != "predictions"}})
+                details.append({"role": role, "model": path, **{k: v for k, v in asdict(run).items() if k not in ("predictions", "references")}})
             if out is not None:
                 _write_glue_predictions(out, t, seed, dev_rows, runs)
         summary[t.name] = glue.summarise(runs["converted"], runs.get("baseline"))
-        sizes[t.name] = {"train_examples": len(train_enc.labels), "dev_examples": len(dev_enc.labels)}
+        sizes[t.name] = {"train_examples": train_n, "dev_examples": len(dev_rows)}
     summary["average"] = {"score": glue.glue_average(summary)}
-    settings = {**s.to_dict(), "dev_samples": req.dev_samples, "data": sizes}
+    per_task = {name: asdict(s) for name, (_, s, *_rest) in jobs.items()}
+    settings: dict[str, Any] = {"mode": req.glue_mode, "protocol": "probe" if probe else (req.glue_protocol or "custom"),
+                                "dev_samples": req.dev_samples, "data": sizes, "tasks": per_task,
+                                "seeds": max(s["seeds"] for s in per_task.values())}
+    if not probe and req.glue_protocol is None:
+        settings.update({k: v for k, v in req.glue_settings.to_dict().items() if k not in settings})
     return summary, settings, details
 
 

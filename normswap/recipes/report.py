@@ -20,6 +20,9 @@ def metrics_of(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         label = {"causal": "perplexity", "masked": "MLM perplexity", "pseudo": "pseudo-perplexity"}.get(p.get("kind"), "perplexity")
         out["ppl"] = {"label": label, "value": p["value"], "better": "lower", "group": "ppl",
                       "note": f"{p['tokens']} tokens, max_length {p['max_length']}" + (f", stride {p['stride']}" if p.get("kind") == "causal" else "")}
+        if p.get("kind") == "causal" and p.get("bits_per_byte") is not None:
+            out["ppl_bpb"] = {"label": "bits per byte", "value": p["bits_per_byte"], "better": "lower", "group": "ppl",
+                              "note": f"{p['bytes']} UTF-8 bytes scored (comparable across tokenizers)"}
     s = res.get("sts")
     if s:
         out["sts_spearman"] = {"label": "STS-B spearman", "value": s["spearman"], "better": "higher", "group": "sts",
@@ -46,6 +49,17 @@ def metrics_of(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         avg = (g.get("average") or {}).get("score", {})
         if avg.get("mean") is not None and len([t for t in g if t != "average"]) > 1:
             out["glue_average"] = {"label": "GLUE average", "value": avg["mean"], "better": "higher", "group": "glue", "note": ""}
+    t = res.get("tasks")
+    if t:
+        st = res.get("tasks_settings") or {}
+        docs = f"first {st['limit']} docs" if st.get("limit") else "all docs"
+        for task, row in t.items():
+            for metric, cell in row.items():
+                if isinstance(cell, dict):
+                    out[f"tasks_{task}_{metric}"] = {
+                        "label": f"{task} {metric}", "value": cell.get("value"), "std": cell.get("stderr"),
+                        "better": "lower" if metric == "perplexity" else "higher", "group": "tasks", "task": task, "metric": metric,
+                        "note": f"lm-eval {st.get('lm_eval')}, {row.get('num_fewshot', 0)}-shot, {docs} ({row.get('documents')}), ± stderr"}
     return out
 
 
@@ -71,6 +85,10 @@ def job_results(job: Job, job_dir: Path, models: dict[str, str], summaries: dict
         for role in ("converted", "recovered"):
             if row.get(role) is not None and row.get("original") is not None:
                 row[f"delta_{role}"] = row[role] - row["original"]
+                if first.get("group") == "tasks":  # the paired interval from lm-eval's per-sample logs
+                    cell = ((summaries.get("paired") or {}).get(role) or {}).get(first["task"], {}).get(first["metric"]) or {}
+                    if cell.get("ci95"):
+                        row[f"ci95_{role}"], row[f"excludes_zero_{role}"] = cell["ci95"], cell["excludes_zero"]
                 if first["better"] == "lower" and row["original"]:
                     row[f"rel_delta_{role}"] = row[f"delta_{role}"] / row["original"]
         rows[k] = row
@@ -116,7 +134,9 @@ def _delta(row: dict[str, Any], role: str) -> str:
         return ""
     s = f"{d:+.4g}" if abs(d) >= 10 else f"{d:+.4f}"
     rel = row.get(f"rel_delta_{role}")
-    return s + (f" ({100 * rel:+.1f}%)" if rel is not None else "")
+    ci = row.get(f"ci95_{role}")  # zero-shot tasks: the paired bootstrap interval, * when it excludes 0
+    return (s + (f" ({100 * rel:+.1f}%)" if rel is not None else "")
+            + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]{'*' if row.get(f'excludes_zero_{role}') else ''}" if ci else ""))
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -148,7 +168,8 @@ def write_report(recipe: Recipe, run_dir: Path, results: dict[str, Any]) -> Path
                " (some stages were already complete and skipped)" if any(j["skipped"] for j in results["jobs"]) else ""),
            "", "## Results", "",
            "original = the source model, converted = after `convert`, recovered = after `finetune`; "
-           "Δ = model - original (relative for perplexity). ↓ lower is better, ↑ higher is better.", "",
+           "Δ = model - original (relative for perplexity). ↓ lower is better, ↑ higher is better. "
+           "Zero-shot Δ carry a paired bootstrap 95% interval over the same documents; * marks one that excludes 0.", "",
            summary_table(results), ""]
     notes = sorted({f"- {row['label']}: {row['note']}" for j in results["jobs"] for row in j["metrics"].values() if row.get("note")})
     if notes:

@@ -200,6 +200,7 @@ def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | No
                 evals[role] = fresh["res"] if "res" in fresh else json.loads(res_file.read_text())["results"]
                 t_eval += entry["seconds"]
             summaries["eval"] = evals
+            summaries["paired"] = _paired_task_deltas(job, job_dir)
             timings["eval"] = t_eval
             continue
         summaries[stage] = entry["summary"]
@@ -323,6 +324,25 @@ def _evaluate(job: Job, role: str, model: str, out: Path, run_dir: Path, *, forc
     return res
 
 
+def _paired_task_deltas(job: Job, job_dir: Path) -> dict[str, Any]:
+    """Zero-shot deltas against the original with paired intervals: each model was scored alone,
+    but on the same documents, so lm-eval's per-sample logs pair them afterwards."""
+    if not (job.eval and job.eval.tasks):
+        return {}
+    from normswap.evaluation import zeroshot
+
+    original = zeroshot.load_run(job_dir / "eval" / "original" / "lm_eval")
+    if original is None:
+        return {}
+    settings = eval_request(job, job.model, job_dir).tasks
+    out = {}
+    for role in ("converted", "recovered"):
+        run = zeroshot.load_run(job_dir / "eval" / role / "lm_eval")
+        if run is not None:
+            out[role] = zeroshot.paired_deltas(run, original, settings)
+    return out
+
+
 def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) -> Any:
     from normswap.evaluation.glue import GlueSettings
     from normswap.evaluation.runner import EvalRequest
@@ -337,9 +357,14 @@ def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) 
     if e.glue:
         g = e.glue
         req.glue, req.glue_data, req.dev_samples = ",".join(g.tasks), g.data, g.dev_samples
-        req.glue_settings = GlueSettings(train_samples=g.train_samples, epochs=g.epochs, lr=g.lr, batch_size=g.batch_size,
-                                         max_seq_length=g.max_seq_length, seeds=g.seeds, warmup_ratio=g.warmup_ratio,
-                                         weight_decay=g.weight_decay, data_seed=g.data_seed)
+        req.glue_settings, req.glue_given = GlueSettings(**g.given()), g.given()
+        req.glue_mode, req.glue_protocol = g.mode, g.protocol
     if e.asr:
         req.asr, req.asr_subsets, req.asr_batch_size, req.asr_groups = e.asr.data, e.asr.subsets, e.asr.batch_size, e.asr.groups
+    if e.tasks:
+        from normswap.evaluation.zeroshot import TaskSettings
+
+        t = e.tasks
+        req.tasks = TaskSettings(names=list(t.names), data=t.data, include_path=t.include_path, limit=t.limit,
+                                 num_fewshot=t.num_fewshot, batch_size=t.batch_size)
     return req

@@ -161,20 +161,29 @@ class AsrEval(_Strict):
 
 
 class GlueEval(_Strict):
-    """GLUE fine-tuning of a classification head per task and seed (same settings for every model)."""
+    """GLUE per task and seed, the same settings for every model: fine-tuning (a classification head;
+    `protocol: reference` for the documented per-task settings) or `mode: probe` (frozen encoder,
+    linear head). Settings left out take the protocol's value, else normswap's default."""
 
     tasks: Names = Field(min_length=1)
     data: str
+    mode: Literal["finetune", "probe"] = "finetune"
+    protocol: Optional[Literal["reference"]] = None
     train_samples: Optional[int] = Field(None, ge=1)
     dev_samples: Optional[int] = Field(None, ge=1)
-    epochs: float = Field(3.0, gt=0)
-    lr: float = Field(5e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    max_seq_length: int = Field(128, ge=8)
-    seeds: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    data_seed: int = 0
+    epochs: Optional[float] = Field(None, gt=0)
+    lr: Optional[float] = Field(None, gt=0)
+    batch_size: Optional[int] = Field(None, ge=1)
+    max_seq_length: Optional[int] = Field(None, ge=8)
+    seeds: Optional[int] = Field(None, ge=1)
+    warmup_ratio: Optional[float] = Field(None, ge=0, lt=1)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    data_seed: Optional[int] = None
+
+    def given(self) -> dict[str, Any]:
+        """The training settings this recipe sets (the rest come from the protocol or the defaults)."""
+        return {k: v for k in ("train_samples", "epochs", "lr", "batch_size", "max_seq_length", "seeds", "warmup_ratio",
+                               "weight_decay", "data_seed") if (v := getattr(self, k)) is not None}
 
     @field_validator("tasks")
     @classmethod
@@ -188,6 +197,17 @@ class GlueEval(_Strict):
         return v
 
 
+class TasksEval(_Strict):
+    """Zero-shot tasks through lm-evaluation-harness (causal LMs): acc / acc_norm with lm-eval's stderr."""
+
+    names: Names = Field(min_length=1)
+    data: Optional[str] = None  # DIR/<task>/... in the authors' formats (offline)
+    include_path: Optional[str] = None  # the user's own lm-eval task YAMLs
+    limit: Optional[int] = Field(None, ge=1)
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+
 class EvalStage(_Strict):
     """Which evaluations, on which models: original (the job's model), converted, recovered (fine-tuned)."""
 
@@ -195,12 +215,13 @@ class EvalStage(_Strict):
     sts: Optional[StsEval] = None
     glue: Optional[GlueEval] = None
     asr: Optional[AsrEval] = None
+    tasks: Optional[TasksEval] = None
     models: list[Literal["original", "converted", "recovered"]] = Field(default_factory=lambda: list(ROLES))
 
     @model_validator(mode="after")
     def _something(self) -> "EvalStage":
-        if not (self.ppl or self.sts or self.glue or self.asr):
-            raise ValueError("eval needs at least one of ppl, sts, glue, asr")
+        if not (self.ppl or self.sts or self.glue or self.asr or self.tasks):
+            raise ValueError("eval needs at least one of ppl, sts, glue, asr, tasks")
         return self
 
 
@@ -238,7 +259,7 @@ class Job(_Strict):
     def _sections(self) -> "Job":
         for s in self.stages:
             if getattr(self, s) is None:
-                need = {"convert": "`to`", "finetune": "`data` and a budget", "eval": "ppl, sts, glue or asr"}[s]
+                need = {"convert": "`to`", "finetune": "`data` and a budget", "eval": "ppl, sts, glue, asr or tasks"}[s]
                 raise ValueError(f"stage {s} is listed but the recipe has no {s} section (it needs {need})")
         if "recovered" in (self.eval.models if self.eval else []) and "finetune" not in self.stages:
             self.eval.models = [m for m in self.eval.models if m != "recovered"]
@@ -460,7 +481,7 @@ _VAR = re.compile(r"\$\{([^}]*)\}")
 PATH_KEYS = {("model",), ("convert", "calib_text"), ("convert", "verify_text"), ("convert", "calib_audio"),
              ("convert", "verify_audio"), ("finetune", "data"), ("finetune", "audio"),
              ("finetune", "teacher"), ("eval", "ppl", "data"), ("eval", "sts", "data"), ("eval", "glue", "data"),
-             ("eval", "asr", "data")}
+             ("eval", "asr", "data"), ("eval", "tasks", "data"), ("eval", "tasks", "include_path")}
 
 
 def expand(value: str, recipe_dir: Path) -> str:
