@@ -143,9 +143,19 @@ def _spread_pair(spread: Spread) -> tuple[float, float]:
     return (spread, spread) if isinstance(spread, (int, float)) else (float(spread[0]), float(spread[1]))
 
 
+def _unit(label: str) -> str:
+    """Which axis a chart row belongs on: figures in different units never share a scale."""
+    if "(rel. %)" in label:
+        return "relative change, % (lower is better)"
+    if "(points)" in label:
+        return "WER points (lower is better)"
+    return "converted - baseline"
+
+
 def delta_chart(path: str | os.PathLike, results: dict[str, Any], title: str) -> Path | None:
-    """A horizontal bar chart of converted - baseline per figure (error bars: the seed spread, or the
-    paired bootstrap interval where there is one); None if nothing to plot."""
+    """Horizontal bars of converted - baseline per figure (error bars: the seed spread, or the paired
+    bootstrap interval where there is one), one panel per unit (relative perplexity change, WER
+    points, metric differences); None if nothing to plot."""
     rows = delta_rows(results)
     if not rows:
         return None
@@ -154,22 +164,22 @@ def delta_chart(path: str | os.PathLike, results: dict[str, Any], title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r[0] for r in rows]
-    deltas = [r[1] for r in rows]
-    errs = [[_spread_pair(r[2])[0] for r in rows], [_spread_pair(r[2])[1] for r in rows]]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
-    colors = ["tab:green" if d >= 0 else "tab:red" for d in deltas]
-    if "ppl" in labels[0]:  # lower perplexity is better
-        colors[0] = "tab:green" if deltas[0] <= 0 else "tab:red"
-    for i, label in enumerate(labels):
-        if "WER" in label or "ppl" in label:  # lower is better too
-            colors[i] = "tab:green" if deltas[i] <= 0 else "tab:red"
-    ax.barh(range(len(rows)), deltas, xerr=errs, color=colors, capsize=3)
-    ax.set_yticks(range(len(rows)), labels)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("converted - baseline")
-    ax.set_title(title, fontsize=10)
+    units = list(dict.fromkeys(_unit(r[0]) for r in rows))
+    panels = [[r for r in rows if _unit(r[0]) == u] for u in units]
+    fig, axes = plt.subplots(len(units), 1, squeeze=False, figsize=(7, 0.45 * len(rows) + 1.4 * len(units)),
+                             gridspec_kw={"height_ratios": [len(p) + 1 for p in panels]})
+    for ax, unit, panel in zip(axes[:, 0], units, panels):
+        labels = [r[0] for r in panel]
+        deltas = [r[1] for r in panel]
+        errs = [[_spread_pair(r[2])[0] for r in panel], [_spread_pair(r[2])[1] for r in panel]]
+        lower_better = ["WER" in label or "ppl" in label for label in labels]
+        colors = ["tab:green" if (d <= 0 if low else d >= 0) else "tab:red" for d, low in zip(deltas, lower_better)]
+        ax.barh(range(len(panel)), deltas, xerr=errs, color=colors, capsize=3)
+        ax.set_yticks(range(len(panel)), labels)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(unit)
+    axes[0, 0].set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
