@@ -184,6 +184,8 @@ class RequestProgress:
 
     def add_requests(self, n: int) -> None:
         """A model is about to run `n` requests; the first model's count stands in for the others'."""
+        if self.total == 0:  # rates and ETA count from the first request, not from task building
+            self.t0 = self.last = time.perf_counter()
         if self.seen <= 1:
             self.total += n * self.models
         self.bar.total = self.total
