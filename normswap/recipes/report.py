@@ -124,8 +124,10 @@ def write_results(recipe: Recipe, run_dir: Path, jobs: list[dict[str, Any]], wal
 def _num(x: Any, std: Any = None) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return ""
-    s = f"{x:.1f}" if abs(x) >= 1000 else f"{x:.4g}" if abs(x) >= 10 else f"{x:.4f}"
-    return s + (f" ± {std:.4f}" if std else "")
+    def fmt(v: float) -> str:
+        return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}" if abs(v) >= 10 else f"{v:.4f}"
+
+    return fmt(x) + (f" ± {fmt(std)}" if std else "")
 
 
 def _delta(row: dict[str, Any], role: str) -> str:
@@ -260,20 +262,24 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path | None:
 
 def plot_deltas(results: dict[str, Any], path: Path) -> Path | None:
     """Per job and metric, the change from the original: converted and recovered side by side.
-    Perplexities are shown as relative change (%), other metrics as points (x100)."""
+    Perplexities are shown as relative change (%), other metrics as points (x100); error bars are the
+    paired intervals where there are some (zero-shot tasks)."""
     rows = []
     for j in results["jobs"]:
         for row in j["metrics"].values():
-            vals = []
+            vals, errs = [], []
             for role in ("converted", "recovered"):
-                if row["better"] == "lower":
-                    r = row.get(f"rel_delta_{role}")
-                    vals.append(None if r is None else -100 * r)  # so that right = better for every metric
+                d, ci = row.get(f"delta_{role}"), row.get(f"ci95_{role}")
+                # scale so that right = better for every metric: -% for lower-is-better, points x100 otherwise
+                scale = (-100 / row["original"] if row.get("original") else None) if row["better"] == "lower" else 100
+                vals.append(None if d is None or scale is None else scale * d)
+                if ci and vals[-1] is not None:  # a negative scale (lower is better) swaps the interval's ends
+                    lo, hi = scale * (ci[0] - d), scale * (ci[1] - d)
+                    errs.append((abs(min(lo, hi)), abs(max(lo, hi))))
                 else:
-                    d = row.get(f"delta_{role}")
-                    vals.append(None if d is None else 100 * d)
+                    errs.append((0.0, 0.0))
             if any(v is not None for v in vals):
-                rows.append((f"{j['name']}: {row['label']}", vals))
+                rows.append((f"{j['name']}: {row['label']}", vals, errs))
     if not rows:
         return None
     plt = _plt()
@@ -282,7 +288,8 @@ def plot_deltas(results: dict[str, Any], path: Path) -> Path | None:
     for k, (role, color) in enumerate((("converted", "tab:orange"), ("recovered", "tab:blue"))):
         ys = [i + (k - 0.5) * h for i in range(len(rows))]
         xs = [r[1][k] if r[1][k] is not None else 0.0 for r in rows]
-        ax.barh(ys, xs, height=h, color=color, label=role)
+        xerr = [[r[2][k][0] for r in rows], [r[2][k][1] for r in rows]]
+        ax.barh(ys, xs, height=h, color=color, label=role, xerr=xerr if any(map(any, xerr)) else None, capsize=2)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
