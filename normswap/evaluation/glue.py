@@ -76,7 +76,7 @@ REFERENCE_PROTOCOL: dict[str, GlueSettings] = {
     "stsb": GlueSettings(train_samples=None, epochs=4, lr=1e-4, batch_size=32, max_seq_length=128, seeds=1),
     "cola": GlueSettings(train_samples=None, epochs=3, lr=5e-5, batch_size=32, max_seq_length=64, seeds=1),
     "rte": GlueSettings(train_samples=None, epochs=4, lr=5e-5, batch_size=16, max_seq_length=128, seeds=1),
-    "sst2": GlueSettings(train_samples=20_000, epochs=1, lr=5e-5, batch_size=32, max_seq_length=64, seeds=1),
+    "sst2": GlueSettings(train_samples=20_000, epochs=2, lr=5e-5, batch_size=32, max_seq_length=64, seeds=1),
 }
 
 
