@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from normswap.assets import asset  # noqa: E402
 from normswap.evaluation import glue, glue_data, glue_probe, results  # noqa: E402
-from normswap.evaluation.runner import DEV_SEED, EvalRequest, glue_settings_for  # noqa: E402
+from normswap.evaluation.runner import DEV_SEED, EvalRequest, glue_settings_for, write_glue_predictions  # noqa: E402
 from normswap.loading import load_tokenizer  # noqa: E402
 from normswap.log import setup_logging  # noqa: E402
 
@@ -103,7 +103,7 @@ def main() -> None:
                     with log_path.open("a") as f:
                         f.write(json.dumps({"model": name, "path": path, **run.__dict__}) + "\n")
                 runs.setdefault((name, task.name), []).append(run)
-            _write_predictions(out, task, seed, dev_rows, models, runs)
+            write_glue_predictions(out, task, seed, dev_rows, {m: runs[(m, task.name)] for m in models})
         info[task.name] = {"settings": dataclasses.asdict(s),
                            "train_examples": runs[("baseline", task.name)][0].train_examples, "dev_examples": len(dev_rows),
                            "seconds": time.perf_counter() - t_task,
@@ -125,16 +125,6 @@ def main() -> None:
     }
     results.write_json(out / "summary.json", payload)
     print(render(payload))
-
-
-def _write_predictions(out: Path, task: glue_data.GlueTask, seed: int, dev_rows: list, models: dict, runs: dict) -> None:
-    rows = []
-    for i, ex in enumerate(dev_rows):
-        preds = [runs[(m, task.name)][-1].predictions[i] for m in models]
-        if task.labels is not None:
-            preds = [task.labels[int(p)] for p in preds]
-        rows.append([ex.row, ex.label if task.labels is None else task.labels[int(ex.label)], *preds])
-    results.write_tsv(out / "predictions" / f"{task.name}_seed{seed}.tsv", ["row", "label", *models], rows)
 
 
 def render(payload: dict) -> str:

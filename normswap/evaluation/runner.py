@@ -103,13 +103,15 @@ def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
     return tok, tasks
 
 
+def at_least(value: Any, low: int, option: str) -> None:
+    """Refuse a count below `low` (None: not given), naming the option."""
+    if value is not None and value < low:
+        raise NormswapError(f"{option} must be {'positive' if low == 1 else f'at least {low}'}, got {value}")
+
+
 def _check_options(req: EvalRequest) -> None:
     """Refuse out-of-range counts and non-finite numbers before anything is loaded (GLUE settings
     too, whether or not --glue is given: a nonsensical value is a mistake either way)."""
-    def at_least(value: Any, low: int, option: str) -> None:
-        if value is not None and value < low:
-            raise NormswapError(f"{option} must be {'positive' if low == 1 else f'at least {low}'}, got {value}")
-
     at_least(req.max_length, 2, "--max-length")
     at_least(req.stride, 1, "--stride")
     at_least(req.max_tokens, 2, "--max-tokens")
@@ -296,11 +298,9 @@ def _validate_tasks(req: EvalRequest) -> list[Any]:
     from normswap.evaluation import zeroshot
 
     s = req.tasks
-    for value, option in ((s.limit, "--limit"), (s.batch_size, "--batch-size"), (s.resamples, "the number of bootstrap resamples")):
-        if value is not None and value < 1:
-            raise NormswapError(f"{option} must be positive, got {value}")
-    if s.num_fewshot is not None and s.num_fewshot < 0:
-        raise NormswapError(f"--num-fewshot must be 0 or more, got {s.num_fewshot}")
+    for value, low, option in ((s.limit, 1, "--limit"), (s.batch_size, 1, "--batch-size"),
+                               (s.resamples, 1, "the number of bootstrap resamples"), (s.num_fewshot, 0, "--num-fewshot")):
+        at_least(value, low, option)
     s.names = zeroshot.parse_names(s.names)
     return zeroshot.task_specs(s)
 
@@ -410,7 +410,7 @@ def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: P
                 runs[role].append(run)
                 details.append({"role": role, "model": path, **{k: v for k, v in asdict(run).items() if k not in ("predictions", "references")}})
             if out is not None:
-                _write_glue_predictions(out, t, seed, dev_rows, runs)
+                write_glue_predictions(out, t, seed, dev_rows, runs)
         summary[t.name] = glue.summarise(runs["converted"], runs.get("baseline"))
         sizes[t.name] = {"train_examples": train_n, "dev_examples": len(dev_rows)}
     summary["average"] = {"score": glue.glue_average(summary)}
@@ -423,8 +423,9 @@ def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: P
     return summary, settings, details
 
 
-def _write_glue_predictions(out: Path, task: glue_data.GlueTask, seed: int, dev_rows: list[glue_data.GlueExample],
-                            runs: dict[str, list[glue.GlueRun]]) -> None:
+def write_glue_predictions(out: Path, task: glue_data.GlueTask, seed: int, dev_rows: list[glue_data.GlueExample],
+                           runs: dict[str, list[glue.GlueRun]]) -> None:
+    """predictions/<task>_seed<k>.tsv: each dev row's label and every model's prediction at its latest seed."""
     roles = list(runs)
     header = ["row", "label"] + roles
     rows = []

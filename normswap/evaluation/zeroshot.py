@@ -398,6 +398,7 @@ def run_tasks(models: list[tuple[str, str]], settings: TaskSettings, specs: list
     settings they depend on (with lm-eval's version and seconds per model); with `out`, lm-eval's
     own results (and per-sample logs) are written under out/lm_eval/.
     """
+    from normswap.evaluation.checks import lm_kind
     from normswap.loading import load_pretrained, load_tokenizer
 
     manager = task_manager(settings.include_path, settings.names, settings.data)
@@ -406,7 +407,7 @@ def run_tasks(models: list[tuple[str, str]], settings: TaskSettings, specs: list
     try:
         for role, path in models:
             model = load_pretrained(path)
-            if not _is_causal_lm(model):
+            if lm_kind(model) != "causal":
                 raise NormswapError(f"--tasks needs a causal language model; {path} loads as {type(model).__name__}")
             model = model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
             tok = load_tokenizer(path)
@@ -425,12 +426,6 @@ def run_tasks(models: list[tuple[str, str]], settings: TaskSettings, specs: list
     if out is not None:
         info["files"] = write_harness_files(out / "lm_eval", runs)
     return rows, info
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _check_finite(rows: dict[str, dict[str, Any]], role: str, path: str) -> None:
