@@ -1,5 +1,11 @@
-"""Resolve a family table against an instantiated model: concrete paths for every norm site,
-its readers and the residual writers, checked against the modules that really exist.
+"""The plan a conversion reads: every norm site of one model, its readers and the residual writers.
+
+It comes from one of two sources, and is the same object either way:
+- a family table (`normswap.archs`), resolved against the instantiated model: concrete paths,
+  checked against the modules that really exist; or
+- discovery (`normswap.archs.discover`): what the model computes on a probe batch.
+`build_plan` takes the table where there is one and cross-checks it by discovery (a mismatch is an
+error naming the site), or discovers the plan where there is none.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from torch import nn
 
 from normswap.archs import get_family
 from normswap.archs.spec import Family
+from normswap.archs.trace import is_linear
 from normswap.errors import NormswapError
 from normswap.surgery.paths import get_module, has_module, join
 
@@ -20,9 +27,8 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm")
 
 
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear (and subclasses such as FalconLinear) or GPT-2's transposed Conv1D."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+PLAN_SOURCES = ("auto", "table", "discover")
+POST_LN_BLOCKER = "Post-LN: the norm's output is the residual stream itself"
 
 
 @dataclass
@@ -39,6 +45,18 @@ class Site:
     has_bias: bool
     foldable: bool = True
     gain_offset: float = 0.0  # the norm scales by (gain_offset + weight): Family.gain_offset (Gemma: 1)
+    # A LayerNorm whose input is zero-mean once the plan's writers are centred: RMSNorm is exact there.
+    centred: bool = False
+    # A LayerNorm of a Pre-LN stream that cannot be centred: its RMSNorm subtracts the mean itself
+    # (LayerNorm's own function, still exact); `note` says why.
+    keep_mean: bool = False
+    note: str = ""
+    # Why the affine cannot move into the readers, whatever --tied-head says (None: it can).
+    blocker: str | None = None
+    # An embedding norm whose output starts a centred stream: its replacement re-centres its output.
+    recenter: bool = False
+    # the modules and parameters writing the stream it reads, as discovery found them
+    writers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -53,13 +71,22 @@ class ModelPlan:
     embed_writers: list[str]  # embeddings (modules or parameters) that start the stream
     head: str | None  # path of the output embeddings, if any
     tied_embedding: str | None  # path of the input embedding the head shares its weight with
-    other_norms: list[str] = field(default_factory=list)  # norms the table does not cover
-    # blocks whose input (the stream as it starts) gets one explicit mean subtraction (Stack.centre_input)
+    other_norms: dict[str, str] = field(default_factory=dict)  # norms left as they are -> why
+    # modules whose input (a stream as it starts) gets one explicit mean subtraction (Stack.centre_input)
     centred_inputs: list[str] = field(default_factory=list)
+    source: str = "table"  # "table" | "discovery" | "generic" (neither: every LayerNorm, nothing known)
+    norm_kind: str = "layernorm"  # "rmsnorm" where every site is one (Llama...): gains fold, nothing is centred
+    checked: bool = False  # a table plan that discovery confirmed
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the plan was made
 
     @property
     def known(self) -> bool:
-        return self.family is not None
+        """Whether normswap knows the model's structure (a table or discovery)."""
+        return self.source != "generic"
+
+    @property
+    def family_name(self) -> str | None:
+        return self.family.model_type if self.family is not None else None
 
 
 def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -126,23 +153,103 @@ def _has_param(model: nn.Module, path: str) -> bool:
         return False
 
 
-def build_plan(model: nn.Module) -> ModelPlan:
-    """Find every norm of `model` through its family table (or generically for unknown families)."""
-    config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
+def check_plan_source(source: str) -> None:
+    if source not in PLAN_SOURCES:
+        raise NormswapError(f"unknown --plan {source!r}: choose one of {', '.join(PLAN_SOURCES)}")
+
+
+def build_plan(model: nn.Module, source: str = "auto", probe: dict[str, torch.Tensor] | None = None) -> ModelPlan:
+    """The plan of `model`: from its family table, cross-checked by discovery ("auto", where a table
+    exists); from the table alone ("table": the fast path, no probe pass); or discovered from the
+    model ("discover", or "auto" without a table). `probe` is the batch discovery runs (default: a
+    short one from `normswap.samples.model_inputs`). Where discovery cannot run, "auto" without a
+    table gives the generic plan (every LayerNorm, nothing known), saying why in `notes`."""
+    check_plan_source(source)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
     family = get_family(model_type)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if source == "table":
+        if family is None:
+            raise NormswapError(f"no family table for {model_type!r} (see `normswap archs`): use --plan auto or discover")
+        return table_plan(model, family)
+    if source == "discover" or family is None:
+        try:
+            return discover(model, probe)
+        except NormswapError as err:
+            if source == "discover" or _on_meta(model):
+                raise
+            plan = generic_plan(model)
+            plan.notes.append(f"discovery could not run: {err}")
+            return plan
+    plan = table_plan(model, family)
+    if _on_meta(model):
+        return plan  # the streaming path: nothing to run
+    found = discover(model, probe)
+    problems = cross_check(plan, found)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise NormswapError(f"the {model_type} family table and the model disagree at {problems[0]}{more}: "
+                            f"--plan discover converts by what the model computes, --plan table trusts the table")
+    plan.checked = True
+    found_writers = {s.path: s.writers for s in found.sites}
+    for s in plan.sites:
+        s.writers = found_writers.get(s.path, [])
+    return plan
+
+
+def discover(model: nn.Module, probe: dict[str, torch.Tensor] | None = None) -> ModelPlan:
+    """The plan found from what `model` computes on `probe` (`normswap.archs.discover`)."""
+    from normswap.archs.discover import discovered_plan
+
+    if _on_meta(model):
+        raise NormswapError(f"{type(model).__name__} is on the meta device: discovery needs to run it")
+    if probe is None:
+        from normswap.samples import model_inputs
+
+        probe = model_inputs(model, n_tokens=16, block=16, batch_size=1, what="probe", n_utterances=1)[0]
+    return discovered_plan(model, probe)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "meta"
+
+
+def head_and_tie(model: nn.Module) -> tuple[str | None, str | None]:
+    """The path of the output embeddings (LM head) and of the input embedding it shares its weight
+    with (None, None where there is no head or no tie)."""
+    out_emb, in_emb = _call_or_none(model, "get_output_embeddings"), _call_or_none(model, "get_input_embeddings")
     head = _module_path(model, out_emb) if isinstance(out_emb, nn.Module) else None
     tied = None
     if head is not None and in_emb is not None and getattr(out_emb, "weight", None) is getattr(in_emb, "weight", 1):
         tied = _module_path(model, in_emb)
+    return head, tied
+
+
+def _call_or_none(model: nn.Module, method: str):
+    """model.<method>(), None where the model lacks it or transformers leaves it unimplemented (wav2vec2)."""
+    try:
+        return getattr(model, method)() if hasattr(model, method) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def generic_plan(model: nn.Module) -> ModelPlan:
+    """Neither table nor discovery: every nn.LayerNorm, placement unknown, nothing folded; each
+    RMSNorm keeps LayerNorm's function (`keep_mean`)."""
+    head, tied = head_and_tie(model)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    sites = [_norm_site(model, p, "unknown", []) for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    for s in sites:
+        s.keep_mean, s.blocker, s.note = True, "normswap knows nothing of this model's structure", "the structure is unknown"
+    return ModelPlan(model_type, None, "unknown", sites, [], [], head, tied, source="generic")
+
+
+def table_plan(model: nn.Module, family: Family) -> ModelPlan:
+    """Resolve a family table against the instantiated model."""
+    config = model.config
+    model_type = getattr(config, "model_type", family.model_type)
+    head, tied = head_and_tie(model)
     all_norms = [n for n, m in model.named_modules() if is_norm(m)]
-
-    if family is None:
-        sites = [_norm_site(model, p, "unknown", []) for p in all_norms if isinstance(get_module(model, p), nn.LayerNorm)]
-        return ModelPlan(model_type, None, "unknown", sites, [], [], head, tied)
-
     family = family.for_config(config)
     base = _base_prefix(model)
     # every stack's blocks first: readers may name another stack's blocks ("*decoder:...")
@@ -188,9 +295,30 @@ def build_plan(model: nn.Module) -> ModelPlan:
     sites = [s for s in sites if s is not None]
     for s in sites:
         s.gain_offset = family.gain_offset
+        s.centred = family.style == "pre" and family.norm_kind == "layernorm" and s.kind == "layernorm"
+        s.recenter = s.centred and s.placement == "embed"
+        s.blocker = _table_blocker(model, family, s)
     covered = {s.path for s in sites}
-    other = [p for p in all_norms if p not in covered]
-    return ModelPlan(model_type, family, family.style, sites, writers, embed_writers, head, tied, other, centred_inputs)
+    other = {p: f"not in the {model_type} family table" for p in all_norms if p not in covered}
+    return ModelPlan(model_type, family, family.style, sites, writers, embed_writers, head, tied, other, centred_inputs,
+                     source="table", norm_kind=family.norm_kind)
+
+
+def _table_blocker(model: nn.Module, family: Family, site: Site) -> str | None:
+    """Why a table's site keeps its affine under --fold, tied heads aside (`conversion._fold_blocker`)."""
+    if family.style != "pre" or site.placement == "post":
+        return POST_LN_BLOCKER
+    if site.placement == "embed":
+        return "its output starts the residual stream"
+    if site.placement == "head":
+        return "norm inside a task head"
+    if not site.foldable:
+        return "its output is the model's output (last_hidden_state)"
+    if not site.readers:
+        return "no linear layer reads it"
+    if not all(is_linear(get_module(model, r)) for r in site.readers):
+        return "a reader is not a linear layer"
+    return None
 
 
 def _block_paths(model: nn.Module, blocks_path: str) -> list[str] | None:
@@ -227,6 +355,45 @@ def _site_if_present(model: nn.Module, path: str, placement: str, readers: list[
     if not is_norm(get_module(model, path)):
         raise NormswapError(f"architecture table names {path} as a norm, but it is a {type(get_module(model, path)).__name__}")
     return _norm_site(model, path, placement, readers, foldable)
+
+
+def cross_check(table: ModelPlan, found: ModelPlan) -> list[str]:
+    """Where a table's plan and the discovered one disagree in anything a conversion acts on, one
+    line per site or list, naming it (empty: they agree). Readers are compared where the table would
+    fold (a reader the table misses would read an unscaled output); a table may be more cautious
+    than discovery (ViT keeps its final affine), never less."""
+    problems = []
+    found_sites = {s.path: s for s in found.sites}
+    for t in table.sites:
+        f = found_sites.get(t.path)
+        if f is None:
+            why = found.other_norms.get(t.path, "it computes no LayerNorm or RMSNorm on the probe")
+            problems.append(f"{t.path}: the table lists a {t.placement} norm, discovery leaves it alone ({why})")
+            continue
+        if (t.placement, t.kind) != (f.placement, f.kind):
+            problems.append(f"{t.path}: the table says a {t.placement} {t.kind}, discovery a {f.placement} {f.kind}")
+        if t.blocker is None:
+            if f.blocker is not None:
+                problems.append(f"{t.path}: the table folds it, but {f.blocker}")
+            elif set(t.readers) != set(f.readers):
+                problems.append(f"{t.path}: readers {_diff(t.readers, f.readers)}")
+    for f in found.sites:
+        if f.path not in {t.path for t in table.sites}:
+            problems.append(f"{f.path}: discovery finds a {f.placement} norm the table does not list")
+    if any(t.centred for t in table.sites):
+        for label, a, b in (("residual writers", table.writers, found.writers), ("embedding writers", table.embed_writers, found.embed_writers),
+                            ("explicitly centred inputs", table.centred_inputs, found.centred_inputs)):
+            if set(a) != set(b):
+                problems.append(f"{label}: {_diff(a, b)}")
+    return problems
+
+
+def _diff(table: list[str], found: list[str]) -> str:
+    """"table has X; discovery has Y" for two path lists."""
+    only_t = [p for p in table if p not in found]
+    only_f = [p for p in found if p not in table]
+    parts = ([f"only the table has {', '.join(only_t[:3])}"] if only_t else []) + ([f"only discovery has {', '.join(only_f[:3])}"] if only_f else [])
+    return "; ".join(parts)
 
 
 def check_readers(model: nn.Module, plan: ModelPlan, inputs: dict[str, torch.Tensor]) -> dict[str, list[str]]:

@@ -34,7 +34,7 @@ def writer_dims(target: nn.Module | nn.Parameter) -> dict[str, int]:
     - GPT-2's Conv1D stores its weight [in, out]: the same, over the last dimension.
     - nn.Embedding (and position tables), bare parameters such as ViT's CLS token: rows over the
       last dimension.
-    - Conv2d patch embeddings: over output channels (dim 0) and the bias.
+    - Conv1d / Conv2d (patch embeddings): over output channels (dim 0) and the bias.
     """
     if isinstance(target, nn.Parameter):
         return {"": -1}
@@ -43,7 +43,7 @@ def writer_dims(target: nn.Module | nn.Parameter) -> dict[str, int]:
         dims = {"weight": 0}
     elif kind == "Conv1D" or isinstance(target, nn.Embedding):
         dims = {"weight": -1}
-    elif isinstance(target, nn.Conv2d):
+    elif isinstance(target, (nn.Conv1d, nn.Conv2d)):
         dims = {"weight": 0}
     else:
         raise TypeError(f"don't know how to centre a {kind}")
