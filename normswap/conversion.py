@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from normswap.archs.plan import ModelPlan, Site, build_plan, is_linear
+from normswap.archs.plan import ModelPlan, Site, build_plan
 from normswap.calibration import dyt_error, fit_dyt
 from normswap.errors import NormswapError
 from normswap.log import logger
@@ -66,6 +66,7 @@ class ConversionResult:
             "source": self.source,
             "target": self.record.target,
             "family": self.record.family,
+            "plan": self.record.plan,
             "style": self.record.style,
             "exact": self.record.exact,
             "dtype": self.record.dtype,
@@ -126,6 +127,7 @@ def convert_model(
     verify_audio: str | Path | None = None,
     calib_audio_subsets: str | list[str] | None = None,
     processor: Any = None,
+    plan: str = "auto",
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
@@ -139,12 +141,18 @@ def convert_model(
     float64 and rounds each result once to the output dtype; DyT calibration and verification of
     a half-precision model on CPU run in float32 arithmetic.
 
+    `plan` is where the norm sites come from (`archs.plan.build_plan`): "auto" (the family table,
+    cross-checked by discovery; discovery where there is no table), "table" or "discover".
+
+    The result is always compared with the original (`verification`); a conversion that claims to
+    be exact and is not within `EXACT_TOLERANCE` is an error, so nothing approximate passes as exact.
+
     Calibration or verification text needs a tokenizer: text with none is an error. Without text
     and without a tokenizer (tiny test models), seeded random token ids stand in, with a warning.
 
-    In an architecture without a family table nothing centres the stream, so `--to rmsnorm` keeps
-    LayerNorm's function (an RMSNorm of the mean-subtracted input, exact); `drop_mean` swaps in
-    plain RMSNorm instead, which is approximate and measured.
+    Where a Pre-LN stream cannot be centred (or nothing is known of the model), `--to rmsnorm`
+    keeps LayerNorm's function at the sites reading it (an RMSNorm of the mean-subtracted input,
+    exact); `drop_mean` swaps in plain RMSNorm there instead, which is approximate and measured.
 
     Speech models (Whisper) take audio instead of text: `calib_audio` / `verify_audio` are folders
     of audio files (`normswap.audio`), turned into features by the checkpoint's processor, with
@@ -178,14 +186,13 @@ def convert_model(
     # one working dtype for every stored tensor (from_pretrained keeps some modules in float32)
     cast_floats(model, work_dtype)
     model.eval()
-    plan, sites, warnings, centre = plan_conversion(model, to, drop_mean)
+    plan_source = plan
+    plan, sites, warnings, centre = plan_conversion(model, to, drop_mean, plan_source)
     warnings = dtype_warnings + warnings
-    # exact by construction (centred LayerNorm, or an RMSNorm kept or folded): measured only on --verify
-    measure = verify or not (to == "rmsnorm" and all(rmsnorm_verdict(s, centre, False, keeps_mean(plan, s, drop_mean))[0] for s in sites))
-    original = copy.deepcopy(model) if measure else None  # the source's values, exactly
+    original = copy.deepcopy(model)  # the source's values, exactly: every conversion is measured against it
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
-        family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
+        family=plan.family_name, style=plan.style, exact=False, plan=plan.source,
         source=getattr(model.config, "_normswap_source", None) or {"model": source, "revision": revision},
         version=__version__, dtype=dtype_name(out_dtype),
     )
@@ -218,19 +225,26 @@ def convert_model(
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
     if record.tied_head and "untie" == record.tied_head:
         model.config.tie_word_embeddings = False
-    if measure:
-        from normswap.verification import compare
+    # every conversion is measured on inputs the model accepts, before anything is saved
+    from normswap.verification import compare
 
-        audio = verify_audio if verify_audio is not None else calib_audio
-        batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=1024, block=256,
-                               batch_size=2, seed=1, what="verification", teacher=original,
-                               audio_subsets=calib_audio_subsets if verify_audio is None else None)
-        warnings += _stand_in_warnings(model, tokenizer, batches, audio, "verification")
-        if verify_audio is None and calib_audio is not None:
-            warnings.append("verification ran on the calibration audio (another seeded draw of it): give --verify-audio for held-out speech")
-        result.verification = compare(original, model, batches)
-        result.verification["exact_tolerance"] = EXACT_TOLERANCE[dtype_name(out_dtype)]
-        del original
+    audio = verify_audio if verify_audio is not None else calib_audio
+    batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=1024, block=256,
+                           batch_size=2, seed=1, what="verification", teacher=original,
+                           audio_subsets=calib_audio_subsets if verify_audio is None else None)
+    warnings += _stand_in_warnings(model, tokenizer, batches, audio, "verification")
+    if verify_audio is None and calib_audio is not None:
+        warnings.append("verification ran on the calibration audio (another seeded draw of it): give --verify-audio for held-out speech")
+    result.verification = compare(original, model, batches)
+    tolerance = EXACT_TOLERANCE[dtype_name(out_dtype)]
+    result.verification["exact_tolerance"] = tolerance
+    del original
+    if record.exact and result.verification["max_rel_diff"] > tolerance:
+        raise NormswapError(
+            f"the conversion claims to be exact, but its {result.verification['output']} differ from the original's by "
+            f"{result.verification['max_rel_diff']:.3g} (relative; the bound is {tolerance:g} in {dtype_name(out_dtype)}): nothing "
+            f"is saved. The plan ({plan.source}) is wrong for this model: `normswap inspect` shows it; --plan discover or "
+            f"--drop-mean are the ways round it")
     result.seconds = time.perf_counter() - t0
     return model, result
 
@@ -371,13 +385,14 @@ def _speech_processor(source: str, *, required: bool) -> Any:
         return None
 
 
-def plan_conversion(model: nn.Module, to: str, drop_mean: bool = False) -> tuple[ModelPlan, list[Site], list[str], bool]:
+def plan_conversion(model: nn.Module, to: str, drop_mean: bool = False, source: str = "auto") -> tuple[ModelPlan, list[Site], list[str], bool]:
     """The sites to convert, warnings for the user, and whether the stream gets centred (exact
     Pre-LN treatment); shared by the in-memory and streaming paths."""
-    plan = build_plan(model)
+    plan = build_plan(model, source)
     sites = _sites_to_convert(model, plan, to)
     warnings: list[str] = []
-    if plan.family is None:
+    if plan.source == "generic":
+        warnings += plan.notes  # why discovery could not run
         if to == "rmsnorm" and not drop_mean:
             warnings.append(f"unknown architecture {plan.model_type!r}: normswap cannot centre its stream, so each LayerNorm becomes "
                             f"an RMSNorm of the mean-subtracted input (LayerNorm's own function: exact, but no cheaper) and nothing "
@@ -385,27 +400,37 @@ def plan_conversion(model: nn.Module, to: str, drop_mean: bool = False) -> tuple
         else:
             warnings.append(f"unknown architecture {plan.model_type!r}: every nn.LayerNorm is swapped, nothing is folded and "
                             f"nothing is exact (the deviation is measured)")
+    elif to == "rmsnorm":
+        kept: dict[str, list[str]] = {}
+        for s in sites:
+            if s.keep_mean:
+                kept.setdefault(s.note, []).append(s.path)
+        for why, paths in kept.items():
+            how = "become plain RMSNorms (--drop-mean: approximate, measured)" if drop_mean else \
+                "keep LayerNorm's mean subtraction (exact, not cheaper)"
+            warnings.append(f"{len(paths)} site(s) {how}, e.g. {paths[0]}: {why}")
     if plan.other_norms:
-        warnings.append(f"norms outside the {plan.model_type} table left unchanged: {', '.join(plan.other_norms)}")
+        listed = "; ".join(f"{p} ({why})" for p, why in list(plan.other_norms.items())[:4])
+        more = f"; and {len(plan.other_norms) - 4} more" if len(plan.other_norms) > 4 else ""
+        warnings.append(f"norms left unchanged: {listed}{more}")
     centre = centres_stream(plan)
     return plan, sites, warnings, centre
 
 
 def centres_stream(plan: ModelPlan) -> bool:
-    """Whether conversion centres the residual writers (Pre-LN LayerNorm families)."""
-    return plan.family is not None and plan.style == "pre" and plan.family.norm_kind == "layernorm"
+    """Whether conversion centres the residual writers: some LayerNorm reads a centrable Pre-LN stream."""
+    return any(s.centred for s in plan.sites)
 
 
 def fold_blockers(model: nn.Module, plan: ModelPlan, tied_head: str = "auto") -> dict[str, str | None]:
     """Per site, why `--to rmsnorm --fold` with this `--tied-head` would keep its affine (None: it
     folds), without changing the model (for `normswap inspect`)."""
-    tied_mode = None
-    if plan.tied_embedding is not None:
-        if centres_stream(plan) and plan.tied_embedding in plan.embed_writers:
-            tied_mode = "center-embed" if tied_head == "auto" else tied_head
-        elif keeps_rmsnorm(plan, "rmsnorm") and tied_head == "untie":
-            tied_mode = "untie"
-    return {s.path: _fold_blocker(s, plan, model, tied_mode) for s in plan.sites}
+    mode = None
+    if centres_stream(plan):
+        mode = tied_mode(model, plan, tied_head)
+    elif keeps_rmsnorm(plan, "rmsnorm") and plan.tied_embedding is not None and tied_head == "untie":
+        mode = "untie"
+    return {s.path: _fold_blocker(s, plan, model, mode) for s in plan.sites}
 
 
 def _sites_to_convert(model: nn.Module, plan: ModelPlan, to: str) -> list[Site]:
@@ -424,29 +449,31 @@ def _sites_to_convert(model: nn.Module, plan: ModelPlan, to: str) -> list[Site]:
 
 
 def keeps_rmsnorm(plan: ModelPlan, to: str) -> bool:
-    """`--to rmsnorm` on a family table whose norms already are RMSNorm: no centring, the gains fold."""
-    return to == "rmsnorm" and plan.family is not None and plan.family.norm_kind == "rmsnorm"
+    """`--to rmsnorm` on a model whose norms already are RMSNorm (Llama...): no centring, the gains fold."""
+    return to == "rmsnorm" and plan.known and plan.norm_kind == "rmsnorm"
 
 
 def keeps_mean(plan: ModelPlan, site: Site, drop_mean: bool) -> bool:
-    """Whether the site's RMSNorm subtracts its input's mean (LayerNorm semantics): a LayerNorm of
-    an architecture without a table, whose stream normswap cannot centre, unless `drop_mean`."""
-    return plan.family is None and site.kind == "layernorm" and not drop_mean
+    """Whether the site's RMSNorm subtracts its input's mean (LayerNorm semantics): a LayerNorm on a
+    Pre-LN stream that cannot be centred, or of a model nothing is known of (`Site.keep_mean`),
+    unless `drop_mean`."""
+    return site.keep_mean and site.kind == "layernorm" and not drop_mean
 
 
-def rmsnorm_verdict(site: Site, centre: bool, folded: bool, center_input: bool = False) -> tuple[bool, str]:
+def rmsnorm_verdict(site: Site, folded: bool, center_input: bool = False) -> tuple[bool, str]:
     """(exact, method) of a site converted to normswap's RMSNorm; shared with the streaming path
     and `normswap inspect`.
 
-    A LayerNorm is exact where the stream was centred (Pre-LN). An RMSNorm (Llama, Gemma...) keeps
-    its function whatever happens to its gain: kept in the norm ("keep-gain"), or moved into the
-    reader linears ("fold-gain", W <- W diag(g), design notes 2.5). An RMSNorm that subtracts its
-    input's mean (`center_input`, see `keeps_mean`) is LayerNorm itself ("layernorm-semantics")."""
+    A LayerNorm is exact where the stream it reads is centred (`Site.centred`, Pre-LN). An RMSNorm
+    (Llama, Gemma...) keeps its function whatever happens to its gain: kept in the norm
+    ("keep-gain"), or moved into the reader linears ("fold-gain", W <- W diag(g), design notes 2.5).
+    An RMSNorm that subtracts its input's mean (`center_input`, see `keeps_mean`) is LayerNorm
+    itself ("layernorm-semantics")."""
     if site.kind == "rmsnorm":
         return True, "fold-gain" if folded else "keep-gain"
     if center_input:
         return True, "layernorm-semantics"
-    exact = centre and site.kind == "layernorm"
+    exact = site.centred
     return exact, "exact" if exact else "approximate"
 
 
@@ -471,26 +498,46 @@ def _untie_for_fold(model: nn.Module, plan: ModelPlan, tied_head: str, fold: boo
     return "untie"
 
 
+def tied_writers(model: nn.Module, plan: ModelPlan) -> list[str]:
+    """The stream writers whose weight is the LM head's (the token lookups of a tied head; BART's
+    encoder and decoder lookups share it too)."""
+    if plan.head is None or plan.tied_embedding is None:
+        return []
+    weight = getattr(get_module(model, plan.head), "weight", None)
+    return [p for p in plan.embed_writers + plan.writers
+            if isinstance(t := writer_target(model, p), nn.Module) and getattr(t, "weight", None) is weight]
+
+
+def tied_mode(model: nn.Module, plan: ModelPlan, tied_head: str) -> str | None:
+    """How a centring conversion treats a tied head: "center-embed" or "untie" where a tied lookup
+    writes the stream; "untie" on request otherwise, so the final norm can fold; None: untouched."""
+    if plan.tied_embedding is None:
+        return None
+    if tied_writers(model, plan):
+        return "center-embed" if tied_head == "auto" else tied_head
+    return "untie" if tied_head == "untie" else None
+
+
 def _centre_stream(model: nn.Module, plan: ModelPlan, tied_head: str, record: ConversionRecord) -> str | None:
     """Centre every residual writer; return how a tied head was handled (None if not tied)."""
-    mode = None
-    if plan.tied_embedding is not None and plan.tied_embedding in plan.embed_writers:
-        # Centring the shared table would change the logits by a per-token term, so either give the
-        # head its own copy (untie: + vocab x d parameters) or centre lookups on the fly instead.
-        mode = "center-embed" if tied_head == "auto" else tied_head
-        if mode == "untie":
-            head = get_module(model, plan.head)
-            head.weight = nn.Parameter(head.weight.detach().clone())
-            model.config.tie_word_embeddings = False
-        else:
-            from normswap.modules import CenteredEmbedding
+    from normswap.modules import centre_lookups
 
-            get_module(model, plan.tied_embedding).__class__ = CenteredEmbedding
-            record.centered_embeddings.append(plan.tied_embedding)
+    mode = tied_mode(model, plan, tied_head)
+    tied = tied_writers(model, plan)
+    if mode == "untie":
+        # Centring the shared table would change the logits by a per-token term: the head gets its
+        # own copy (+ vocab x d parameters) ...
+        head = get_module(model, plan.head)
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    elif mode == "center-embed":
+        # ... or the lookups are centred on the fly, and the table stays as it is
+        for path in tied:
+            centre_lookups(get_module(model, path))
+            record.centered_embeddings.append(path)
     for path in plan.embed_writers + plan.writers:
-        if mode == "center-embed" and path == plan.tied_embedding:
-            continue
-        centre_output(writer_target(model, path))
+        if path not in record.centered_embeddings:
+            centre_output(writer_target(model, path))
     for path in plan.centred_inputs:  # a stream start no weight change can centre (Whisper's encoder)
         center_input(get_module(model, path))
         record.centered_inputs.append(path)
@@ -498,25 +545,12 @@ def _centre_stream(model: nn.Module, plan: ModelPlan, tied_head: str, record: Co
 
 
 def _fold_blocker(site: Site, plan: ModelPlan, model: nn.Module, tied_mode: str | None) -> str | None:
-    """Why this site's affine cannot move into its readers (None if it can)."""
-    if plan.family is None:
-        return "unknown architecture"
-    if plan.style != "pre" or site.placement == "post":
-        return "Post-LN: the norm's output is the residual stream itself"
-    if site.placement == "embed":
-        return "its output starts the residual stream"
-    if site.placement == "head":
-        return "norm inside a task head"
-    if not site.foldable:
-        return "its output is the model's output (last_hidden_state)"
-    if not site.readers:
-        return "no linear layer reads it"
-    if tied_mode == "center-embed" and plan.head in site.readers:
+    """Why this site's affine cannot move into its readers (None if it can): the plan's structural
+    reason, else a head tied to the token embedding that `tied_mode` leaves shared."""
+    if site.blocker is not None:
+        return site.blocker
+    if plan.head in site.readers and plan.tied_embedding is not None and tied_mode != "untie":
         return "the LM head shares its weight with the token embedding (--tied-head untie folds it)"
-    if plan.head in site.readers and plan.tied_embedding is not None and tied_mode is None:
-        return "the LM head shares its weight with the token embedding (--tied-head untie folds it)"
-    if not all(is_linear(get_module(model, r)) for r in site.readers):
-        return "a reader is not a linear layer"
     return None
 
 
@@ -530,7 +564,7 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
     for site in sites:
         old = get_module(model, site.path)
         g, b = _affine(old, site)
-        recenter = centre and site.placement == "embed"
+        recenter = site.recenter
         center = to == "rmsnorm" and keeps_mean(plan, site, drop_mean)
         if to == "rmsnorm":
             new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=g is not None, bias=b is not None,
@@ -580,7 +614,7 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             else:
                 record.unfolded[site.path] = blocker
         if to == "rmsnorm":
-            exact, method = rmsnorm_verdict(site, centre, folded, center)
+            exact, method = rmsnorm_verdict(site, folded, center)
         set_module(model, site.path, new)
         alpha = float(new.alpha) if isinstance(new, DyT) else None
         record.sites.append(SiteRecord(

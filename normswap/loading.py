@@ -473,12 +473,26 @@ def write_config(folder: Path, config: Any, record: ConversionRecord) -> None:
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tied tensor once, under its first name (the body's embedding, not
-    the head), so that the bare body can be loaded from the same file."""
+    the head), so that the bare body can be loaded from the same file.
+
+    A tensor shared under a name that the model as configured does not tie (transformers ties by
+    `_tied_weights_keys` only while `tie_word_embeddings` holds, so a head untied by
+    `--tied-head untie` unties BART's encoder and decoder lookups from `shared` too) is written
+    again under that name, or it would be missing when the checkpoint loads."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    try:
+        ties = expand(all_submodels=True) if expand is not None else None
+    except Exception:  # noqa: BLE001 - a model's own tie table that transformers cannot expand
+        ties = None
+    tied_names = None if ties is None else set(ties) | set(ties.values())
     state: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), tuple(t.shape))
         if key in seen:
+            if tied_names is None or name in tied_names:
+                continue
+            state[name] = t.detach().clone()
             continue
         seen.add(key)
         state[name] = t.detach().contiguous()

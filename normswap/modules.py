@@ -99,6 +99,34 @@ class CenteredEmbedding(nn.Embedding):
         return e - e.mean(-1, keepdim=True)
 
 
+class _CenteredOutput:
+    """Mixin: the module's output is mean-subtracted over the hidden dimension (CenteredEmbedding
+    for embedding classes of their own, such as BART's scaled lookups)."""
+
+    def forward(self, *args, **kwargs):
+        e = super().forward(*args, **kwargs)
+        return e - e.mean(-1, keepdim=True)
+
+
+def centre_lookups(module: nn.Module) -> None:
+    """Make an embedding centre its lookups from now on, by a class swap that keeps its identity,
+    parameters and checkpoint keys: CenteredEmbedding for a plain nn.Embedding, a centring
+    subclass of its own class otherwise (which keeps what that class does, e.g. a scale)."""
+    cls = type(module)
+    if cls is nn.Embedding:
+        module.__class__ = CenteredEmbedding
+    elif not issubclass(cls, (CenteredEmbedding, _CenteredOutput)):
+        module.__class__ = _swapped(cls, _CenteredOutput, "CenteredOutput")
+
+
+def _swapped(cls: type, mixin: type, prefix: str) -> type:
+    """The class `mixin` + `cls` (made once per pair)."""
+    key = (cls, mixin)
+    if key not in _CENTERED_CLASSES:
+        _CENTERED_CLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _CENTERED_CLASSES[key]
+
+
 class _CenteredInput:
     """Mixin: the block's input (its first argument, `hidden_states`) is mean-subtracted over the
     hidden dimension before the block runs. Used where a stream starts at a sum that no weight
@@ -116,18 +144,15 @@ class _CenteredInput:
         return super().forward(*args, **kwargs)
 
 
-_CENTERED_CLASSES: dict[type, type] = {}
+_CENTERED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def center_input(module: nn.Module) -> None:
     """Make `module` centre its input from now on (see `_CenteredInput`), by a class swap as
     CenteredEmbedding does: the module keeps its identity, parameters and hooks."""
     cls = type(module)
-    if issubclass(cls, _CenteredInput):
-        return
-    if cls not in _CENTERED_CLASSES:
-        _CENTERED_CLASSES[cls] = type(f"CenteredInput{cls.__name__}", (_CenteredInput, cls), {"__module__": __name__})
-    module.__class__ = _CENTERED_CLASSES[cls]
+    if not issubclass(cls, _CenteredInput):
+        module.__class__ = _swapped(cls, _CenteredInput, "CenteredInput")
 
 
 def new_norm(spec: dict) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.modules import CenteredEmbedding, center_input, new_norm
+from normswap.modules import center_input, centre_lookups, new_norm
 from normswap.surgery.paths import get_module, set_module
 
 
@@ -25,6 +25,7 @@ STYLES = ("pre", "post", "unknown")
 PLACEMENTS = ("pre", "post", "final", "embed", "head", "unknown")
 TIED_HEADS = (None, "center-embed", "untie")
 MAX_DIM = 1 << 20
+PLAN_KINDS = ("table", "discovery", "generic")
 _SEGMENT = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
 _FAMILY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -60,6 +61,7 @@ class ConversionRecord:
     style: str  # "pre" | "post" | "unknown"
     exact: bool
     source: dict[str, Any] = field(default_factory=dict)
+    plan: str = "table"  # where the norm sites came from: "table", "discovery" or "generic"
     tied_head: str | None = None  # None, "center-embed", "untie"
     sites: list[SiteRecord] = field(default_factory=list)
     new_biases: list[str] = field(default_factory=list)
@@ -196,6 +198,7 @@ class _RecordValidator:
         return ConversionRecord(
             target=self.str_(d["target"], "target", TARGETS), base_model_type=base, architecture=arch, family=family,
             style=self.str_(d["style"], "style", STYLES), exact=self.bool_(d["exact"], "exact"), source=source,
+            plan=self.str_(d.get("plan", "table"), "plan", PLAN_KINDS),
             tied_head=self.str_(d.get("tied_head"), "tied_head", TIED_HEADS, optional=True), sites=sites,
             new_biases=self.paths(d.get("new_biases", []), "new_biases"),
             centered_embeddings=self.paths(d.get("centered_embeddings", []), "centered_embeddings"),
@@ -330,7 +333,7 @@ def apply_structure(model: nn.Module, record: ConversionRecord, where: str | os.
     check_structure(model, record, where)
     map_path = _path_mapper(model, _recorded_paths(record))
     for path in filter(None, map(map_path, record.centered_embeddings)):
-        get_module(model, path).__class__ = CenteredEmbedding
+        centre_lookups(get_module(model, path))
     for path in filter(None, map(map_path, record.centered_inputs)):
         center_input(get_module(model, path))
     for path in filter(None, map(map_path, record.new_biases)):

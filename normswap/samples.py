@@ -25,7 +25,7 @@ def default_text() -> str:
 
 def max_positions(model: nn.Module) -> int:
     cfg = model.config
-    for key in ("n_positions", "max_position_embeddings", "seq_length", "n_ctx"):
+    for key in ("n_positions", "max_position_embeddings", "seq_length", "n_ctx", "max_seq_len"):
         v = getattr(cfg, key, None)
         if isinstance(v, int) and v > 0:
             return v
@@ -56,11 +56,19 @@ def token_blocks(
     `text` None means the built-in sample. Seeded random token ids stand in only where no text was
     given and there is no tokenizer (tiny test models; the caller says so in its warnings); given
     text without a tokenizer, or for an image model (random images stand in), is an error naming
-    `what` ("calibration text", "verification text")."""
+    `what` ("calibration text", "verification text").
+
+    A text encoder-decoder (main input `input_ids`, `config.is_encoder_decoder`: BART, mBART,
+    Marian, Pegasus, M2M-100, T5) gets each block as `input_ids` and, teacher-forced on the same
+    text, as `decoder_input_ids` shifted right by one: the config's `decoder_start_token_id` first
+    (else the generation config's, else the pad, bos or eos id, else 0), the block's last token
+    dropped. Encoder-decoders with another main input (speech: `speech_batches`; images in, text
+    out) and other main inputs are refused (NormswapError)."""
     cfg = model.config
     main_input = getattr(model, "main_input_name", "input_ids")
-    if main_input not in ("input_ids", "pixel_values") or getattr(cfg, "is_encoder_decoder", False):
-        # Speech (input_features), encoder-decoders: text blocks are not inputs these models accept
+    seq2seq = bool(getattr(cfg, "is_encoder_decoder", False))
+    if main_input not in ("input_ids", "pixel_values") or (seq2seq and main_input != "input_ids"):
+        # Speech (input_features), image encoder-decoders: text blocks are not inputs these models accept
         raise NormswapError(f"{type(model).__name__} takes {main_input}{' and decoder inputs' if getattr(cfg, 'is_encoder_decoder', False) else ''}: "
                             f"normswap cannot build calibration or verification inputs for it yet, so it cannot convert it measurably")
     if getattr(cfg, "model_type", "") == "vit" or "pixel_values" in main_input:
@@ -96,6 +104,18 @@ def token_blocks(
                 tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id]
         rows.append(chunk)
     t = torch.tensor(rows, dtype=torch.long)
+    if seq2seq:
+        start = 0  # decoder_start_token_id (config, then generation config), else pad, bos, eos, else 0
+        gen = getattr(model, "generation_config", None)
+        for src, key in ((cfg, "decoder_start_token_id"), (gen, "decoder_start_token_id"),
+                         (cfg, "pad_token_id"), (cfg, "bos_token_id"), (cfg, "eos_token_id")):
+            v = getattr(src, key, None)
+            v = (v[0] if v else None) if isinstance(v, (list, tuple)) else v
+            if isinstance(v, int) and v >= 0:
+                start = v
+                break
+        d = torch.cat([torch.full((len(t), 1), start, dtype=torch.long), t[:, :-1]], dim=1)
+        return [{"input_ids": t[i:i + batch_size], "decoder_input_ids": d[i:i + batch_size]} for i in range(0, len(t), batch_size)]
     return [{"input_ids": t[i:i + batch_size]} for i in range(0, len(t), batch_size)]
 
 
@@ -369,7 +389,7 @@ def model_inputs(
     """Calibration or verification batches for any model normswap converts: `speech_batches` for a
     speech encoder-decoder (`n_utterances`, else `utterances_for(n_tokens)` utterances, one a
     batch, so `block` and `batch_size` do not apply), else `token_blocks` (text and image models;
-    it still refuses other encoder-decoders). `what` names the purpose, "calibration" or
+    text encoder-decoders get teacher-forced decoder ids too). `what` names the purpose, "calibration" or
     "verification": errors say "calibration text" or "calibration audio (--calib-audio)"."""
     name = type(model).__name__
     if is_speech(model):

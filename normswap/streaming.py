@@ -372,10 +372,15 @@ def stream_convert(
     source_key = _match_source_keys(model, reader)
 
     # -- the decisions, by the in-memory code on the meta model ------------------------------------
-    plan, sites, warnings, centre = plan_conversion(model, to, drop_mean)
+    from normswap.archs import get_family
+
+    if get_family(config.model_type) is None:
+        # discovery runs the model, which the low-memory path never holds
+        raise NotStreamable(f"{config.model_type!r} has no family table, so its plan must be discovered by running the model")
+    plan, sites, warnings, centre = plan_conversion(model, to, drop_mean, "table")
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
-        family=plan.family.model_type if plan.family else None, style=plan.style, exact=False,
+        family=plan.family_name, style=plan.style, exact=False, plan=plan.source,
         source={"model": str(source), "revision": None}, version=__version__, dtype=dtype_name(out_dtype),
     )
     warnings = dtype_warnings + warnings
@@ -387,7 +392,7 @@ def stream_convert(
             # On meta tensors this only changes structure: untie the head, mark centred lookups.
             record.tied_head = _centre_stream(model, plan, tied_head, record)
             for path in plan.embed_writers + plan.writers:
-                if record.tied_head == "center-embed" and path == plan.tied_embedding:
+                if path in record.centered_embeddings:
                     continue
                 target = writer_target(model, path)
                 if isinstance(target, nn.Parameter):
@@ -447,7 +452,7 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
         old = get_module(model, site.path)
         has_g = getattr(old, "weight", None) is not None
         has_b = getattr(old, "bias", None) is not None
-        recenter = centre and site.placement == "embed"
+        recenter = site.recenter
         center = to == "rmsnorm" and keeps_mean(plan, site, drop_mean)
         if to == "rmsnorm":
             w, b = has_g, has_b
@@ -471,7 +476,7 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
             else:
                 record.unfolded[site.path] = blocker
         if to == "rmsnorm":
-            exact, method = rmsnorm_verdict(site, centre, folded, center)
+            exact, method = rmsnorm_verdict(site, folded, center)
         with torch.device("meta"):
             if to == "rmsnorm":
                 new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=w, bias=b, recenter=recenter,

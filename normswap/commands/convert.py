@@ -28,14 +28,15 @@ def convert_cmd(
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT (speech: one utterance per 256, at most 32)."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
     alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
-    verify: bool = typer.Option(False, "--verify", help="Compare original and converted on sample text; fail if an exact conversion is not."),
+    verify: bool = typer.Option(False, "--verify", help="Fail (exit 1) if an exact conversion's relative deviation exceeds the bound. Every in-memory conversion is measured, and one that claims exactness and misses it is never saved."),
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify (default: built-in sample)."),
     verify_audio: Optional[Path] = typer.Option(None, "--verify-audio", help="Speech models: a folder of audio files for --verify (default: the calibration audio, else random features)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (exact conversions only: --to rmsnorm on LayerNorm Pre-LN and RMSNorm families; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
-    drop_mean: bool = typer.Option(False, "--drop-mean", help="Architectures without a family table: swap LayerNorm for plain RMSNorm, dropping the mean (approximate, measured). By default such a model's RMSNorms subtract their input's mean first, keeping LayerNorm's function exactly."),
+    drop_mean: bool = typer.Option(False, "--drop-mean", help="Sites whose Pre-LN stream cannot be centred (and models whose structure is unknown): swap LayerNorm for plain RMSNorm, dropping the mean (approximate, measured). By default their RMSNorms subtract the input mean first, keeping LayerNorm's function exactly."),
+    plan: str = typer.Option("auto", "--plan", help="Where the norm sites come from: auto (the family table, cross-checked by discovery; discovery where there is no table), table or discover."),
     dtype: str = typer.Option("auto", "--dtype", help="Floating dtype of the saved weights: auto (the source checkpoint's own), float32, bfloat16 or float16."),
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
@@ -47,13 +48,16 @@ def convert_cmd(
     from normswap.outputs import check_output
     from normswap.textfiles import read_text
 
+    from normswap.archs.plan import check_plan_source
+
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
+    check_plan_source(plan)
     inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text,
               "calibration audio": calib_audio, "verification audio": verify_audio}
     check_output(out, overwrite=overwrite, inputs=inputs)  # before any long work
     calib = read_text(calib_text) if calib_text is not None else None
     vtext = read_text(verify_text) if verify_text is not None else None
-    stream = _use_streaming(model, to, alpha_init, low_memory, verify, revision, trust_remote_code)
+    stream = plan != "discover" and _use_streaming(model, to, alpha_init, low_memory, verify, revision, trust_remote_code)
     logger.info("converting %s -> %s%s", model, to, " (streaming, low memory)" if stream else "")
     result = None
     if stream:
@@ -71,7 +75,7 @@ def convert_cmd(
         converted, result = convert_model(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
-            dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio,
+            dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio, plan=plan,
             calib_audio_subsets=subset_names(calib_audio_subsets, "--calib-audio-subsets"),
         )
         save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
