@@ -40,13 +40,14 @@ def test_hook_check_catches_a_wrong_table():
     assert check_readers(model, plan, tiny_inputs(model)) == {wrong.path: ["transformer.h.0.mlp.c_fc"]}
 
 
-def test_unknown_family_is_generic():
+def test_unknown_family_is_discovered():
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     model = GPTNeoForCausalLM(GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]], vocab_size=100, max_position_embeddings=64))
     plan = build_plan(model)
-    assert plan.family is None and plan.style == "unknown"
-    assert len(plan.sites) == 5
+    assert plan.family is None and plan.source == "discovery" and plan.style == "pre"
+    assert [s.placement for s in plan.sites] == ["pre", "pre", "pre", "pre", "final"]
+    assert all(s.centred for s in plan.sites)
 
 
 def test_register_family_from_outside_makes_conversion_exact():

@@ -112,12 +112,18 @@ def test_corrupt_weights(tmp_path, tiny_gpt2):
     assert not (tmp_path / "o").exists()
 
 
-def test_no_layernorm(tmp_path):
+def test_t5_norms_are_found_by_behaviour(tmp_path):
+    """T5LayerNorm is named a LayerNorm but computes an RMSNorm: discovery knows it by its output,
+    so --to rmsnorm keeps each one's function (exact) instead of refusing or approximating."""
     from transformers import T5Config, T5Model
 
     d = tmp_path / "t5"
     T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100)).save_pretrained(d)
-    _one_line_error(run("convert", d, "--to", "dyt", "--out", tmp_path / "o"), "no LayerNorm")
+    proc = run("convert", d, "--to", "rmsnorm", "--out", tmp_path / "o", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["plan"] == "discovery" and res["exact"] is True and len(res["sites"]) == 7
+    assert {s["method"] for s in res["sites"]} <= {"keep-gain", "fold-gain"} and res["max_rel_diff"] < 1e-5
 
 
 def test_already_rmsnorm_folds_gains(tmp_path):
@@ -148,23 +154,20 @@ def test_unknown_target(tmp_path, tiny_gpt2):
     _one_line_error(run("convert", tiny_gpt2, "--to", "batchnorm", "--out", tmp_path / "o"), "unknown target")
 
 
-def test_unknown_architecture_warns(tmp_path):
+def test_architecture_without_a_table_is_discovered(tmp_path):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     d = tmp_path / "neo"
     GPTNeoForCausalLM(GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]], vocab_size=100, max_position_embeddings=64)).save_pretrained(d)
-    # by default LayerNorm's function is kept (RMSNorm of the mean-subtracted input): exact, and --verify agrees
-    proc = run("convert", d, "--to", "rmsnorm", "--verify", "--out", tmp_path / "o", "--format", "json")
+    proc = run("convert", d, "--to", "rmsnorm", "--tied-head", "untie", "--verify", "--out", tmp_path / "o", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    assert res["exact"] is True and any("unknown architecture" in w for w in res["warnings"])
-    assert {s["method"] for s in res["sites"]} == {"layernorm-semantics"} and res["max_rel_diff"] < 1e-5
-    # --drop-mean asks for plain RMSNorm: approximate, and measured without --verify
-    proc = run("convert", d, "--to", "rmsnorm", "--drop-mean", "--out", tmp_path / "o2", "--format", "json")
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout)
-    assert res["exact"] is False and {s["method"] for s in res["sites"]} == {"approximate"}
-    assert res["max_rel_diff"] > 1e-3
+    assert res["plan"] == "discovery" and res["family"] is None and res["exact"] is True and res["verified"] is True
+    assert {s["method"] for s in res["sites"]} == {"exact"} and all(s["folded"] for s in res["sites"])
+    assert res["max_rel_diff"] < 1e-5
+    # --plan table has nothing to go on
+    _one_line_error(run("convert", d, "--to", "rmsnorm", "--plan", "table", "--out", tmp_path / "o2"), "no family table for 'gpt_neo'")
+    _one_line_error(run("convert", d, "--to", "rmsnorm", "--plan", "guess", "--out", tmp_path / "o3"), "unknown --plan 'guess'")
 
 
 def test_unknown_option_is_a_usage_error_not_a_traceback():

@@ -51,7 +51,7 @@ def test_plan_has_both_stacks_cross_attention_and_the_explicit_centring(whisper)
     assert plan.embed_writers == [f"{DEC}.embed_tokens", f"{DEC}.embed_positions"]  # the encoder's start is centred explicitly
     assert f"{DEC}.layers.0.encoder_attn.out_proj" in plan.writers and f"{ENC}.layers.1.fc2" in plan.writers
     assert plan.head == "proj_out" and plan.tied_embedding == f"{DEC}.embed_tokens"
-    assert plan.style == "pre" and plan.other_norms == []
+    assert plan.style == "pre" and plan.other_norms == {}
     # the table matches what the model really feeds each reader
     assert check_readers(whisper, plan, tiny_inputs(whisper)) == {}
 

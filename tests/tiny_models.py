@@ -52,14 +52,33 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
         kwargs.setdefault(key, 0)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    model = auto.from_config(config)
+    return randomise(auto.from_config(config)).eval()
+
+
+def randomise(model: torch.nn.Module, keep_frozen: bool = False) -> torch.nn.Module:
+    """Norm affines and biases made non-trivial (so folding is exercised) and embeddings given a
+    non-zero mean (so centring is); `keep_frozen` leaves fixed tables (sinusoidal positions) as built."""
     with torch.no_grad():
         for name_, p in model.named_parameters():
-            if p.dim() == 1:  # norm affines and biases: make them non-trivial
+            if keep_frozen and not p.requires_grad:
+                continue
+            if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name_.endswith("weight") else 0.0))
-            elif "embed" in name_ or "wte" in name_ or "wpe" in name_:
-                p.add_(torch.randn_like(p) * 0.05 + 0.02)  # give embeddings a non-zero mean
-    return model.eval()
+            elif "embed" in name_ or "wte" in name_ or "wpe" in name_ or name_.endswith("shared.weight"):
+                p.add_(torch.randn_like(p) * 0.05 + 0.02)
+    return model
+
+
+def model_output(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits, or the last hidden state of a model without a head."""
+    with torch.no_grad():
+        o = model(**x)
+    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+
+
+def rel_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|."""
+    return float((got - ref).abs().max() / ref.abs().max())
 
 
 def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
