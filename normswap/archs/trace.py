@@ -270,8 +270,12 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 def norm_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float = 1e-4) -> NormFit | None:
     """Whether `module` computed a LayerNorm or RMSNorm of `x` over the last dimension, with its
-    own `weight` / `bias` as the affine: the formula is evaluated in float64 and compared with the
-    module's output `y`. A norm is known by what it computes, whatever its class is called."""
+    own `weight` / `bias` as the affine: each formula is evaluated in float64 and compared with the
+    module's output `y`. A norm is known by what it computes, whatever its class is called.
+
+    On a zero-mean input (a centred stream, or a freshly initialised model) the two formulas agree;
+    then the module is run once more on the input shifted by a constant per row, which LayerNorm
+    ignores and RMSNorm does not."""
     if not (x.is_floating_point() and y.is_floating_point()) or y.shape != x.shape or x.dim() < 2 or x.shape[-1] < 2:
         return None
     d = x.shape[-1]
@@ -281,22 +285,31 @@ def norm_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float = 1
         return None
     eps_attr = next((getattr(module, a) for a in ("eps", "variance_epsilon", "epsilon") if isinstance(getattr(module, a, None), float)), None)
     eps_choices = [eps_attr] if eps_attr is not None else [1e-5, 1e-6, 1e-12, 1e-8]
+    fits = [f for kind in ("layernorm", "rmsnorm") if (f := _fit(kind, x, y, w, b, eps_choices, tol)) is not None]
+    if len(fits) == 2:
+        shifted = x + (x.abs().mean() + 1.0)
+        with torch.no_grad():
+            again = module(shifted)
+        if isinstance(again, torch.Tensor) and again.shape == x.shape:
+            fits = [f for f in fits if _fit(f.kind, shifted, again, w, b, [f.eps], tol) is not None]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _fit(kind: str, x: torch.Tensor, y: torch.Tensor, w, b, eps_choices: list[float], tol: float) -> NormFit | None:
+    """The best (eps, gain offset) for which `kind`'s formula gives `y` within `tol`, if any."""
     x64, y64 = x.double(), y.double()
     scale = float(y64.abs().max()) or 1.0
+    centred = x64 - x64.mean(-1, keepdim=True) if kind == "layernorm" else x64
     best: NormFit | None = None
-    for kind in ("rmsnorm", "layernorm"):
-        centred = x64 - x64.mean(-1, keepdim=True) if kind == "layernorm" else x64
-        for eps in eps_choices:
-            n = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
-            for offset in ((0.0, 1.0) if w is not None else (0.0,)):
-                pred = n * (offset + w.double()) if w is not None else n
-                if b is not None:
-                    pred = pred + b.double()
-                err = float((pred - y64).abs().max()) / scale
-                if err < tol and (best is None or err < best.rel_error):
-                    best = NormFit(kind, offset, float(eps), err)
-        if best is not None:
-            break  # an RMSNorm that fits is taken: on a zero-mean input the two coincide, and RMSNorm is the simpler
+    for eps in eps_choices:
+        n = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+        for offset in ((0.0, 1.0) if w is not None else (0.0,)):
+            pred = n * (offset + w.double()) if w is not None else n
+            if b is not None:
+                pred = pred + b.double()
+            err = float((pred - y64).abs().max()) / scale
+            if err < tol and (best is None or err < best.rel_error):
+                best = NormFit(kind, offset, float(eps), err)
     return best
 
 
