@@ -132,8 +132,9 @@ def convert_model(
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
     The input model object is modified in place and returned (load it again to keep the original);
-    a path is loaded fresh and never written to. With `verify`, original and converted outputs are
-    compared on sample text; approximate conversions are always measured.
+    a path is loaded fresh and never written to. Original and converted outputs are always compared
+    on sample inputs: 1024 tokens for approximate conversions and with `verify`, 256 for a
+    conversion exact by construction, whose check this is.
 
     `dtype` is the output's floating dtype: "auto" (the source's own: the dominant floating dtype
     of its stored tensors, or of a given model's parameters), "float32", "bfloat16" or "float16".
@@ -190,6 +191,11 @@ def convert_model(
     plan, sites, warnings, centre = plan_conversion(model, to, drop_mean, plan_source)
     warnings = dtype_warnings + warnings
     original = copy.deepcopy(model)  # the source's values, exactly: every conversion is measured against it
+    # An exact-by-construction conversion (centred LayerNorm, or an RMSNorm kept or folded) is
+    # checked on a short sample (256 tokens, one utterance); an approximate one, or any with
+    # `verify`, is measured on 1024 tokens (four utterances), the figure the user reads.
+    by_construction = to == "rmsnorm" and all(rmsnorm_verdict(s, False, keeps_mean(plan, s, drop_mean))[0] for s in sites)
+    verify_tokens = 256 if by_construction and not verify else 1024
     record = ConversionRecord(
         target=to, base_model_type=plan.model_type, architecture=type(model).__name__,
         family=plan.family_name, style=plan.style, exact=False, plan=plan.source,
@@ -229,7 +235,7 @@ def convert_model(
     from normswap.verification import compare
 
     audio = verify_audio if verify_audio is not None else calib_audio
-    batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=1024, block=256,
+    batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=verify_tokens, block=256,
                            batch_size=2, seed=1, what="verification", teacher=original,
                            audio_subsets=calib_audio_subsets if verify_audio is None else None)
     warnings += _stand_in_warnings(model, tokenizer, batches, audio, "verification")
