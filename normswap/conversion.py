@@ -244,8 +244,23 @@ def convert_model(
     result.verification = compare(original, model, batches)
     tolerance = EXACT_TOLERANCE[dtype_name(out_dtype)]
     result.verification["exact_tolerance"] = tolerance
+    deviation = result.verification["max_rel_diff"]
+    if record.exact and deviation > tolerance and out_dtype != torch.float32:
+        # Half-precision weights round every rewritten value once; on stand-in inputs (random
+        # features) that rounding can exceed the bound measured on text. The claim is about the
+        # maths, so it is checked on the same conversion in float32 (which raises if it fails).
+        source_f32 = copy.deepcopy(original)
+        cast_floats(source_f32, torch.float32)
+        _, exact32 = convert_model(source_f32, to, fold=fold, tied_head=tied_head, tokenizer=tokenizer, verify_text=verify_text,
+                                   dtype="float32", drop_mean=drop_mean, verify_audio=audio, processor=processor, plan=plan_source)
+        result.verification["float32_max_rel_diff"] = exact32.verification["max_rel_diff"]
+        warnings.append(f"the {dtype_name(out_dtype)} output differs from the original by {deviation:.3g} on these inputs, above the "
+                        f"{tolerance:g} bound measured on text: that is the rounding of the rewritten weights to "
+                        f"{dtype_name(out_dtype)}; the same conversion in float32 differs by "
+                        f"{exact32.verification['max_rel_diff']:.2g} (--dtype float32 keeps it)")
+        deviation = 0.0
     del original
-    if record.exact and result.verification["max_rel_diff"] > tolerance:
+    if record.exact and deviation > tolerance:
         raise NormswapError(
             f"the conversion claims to be exact, but its {result.verification['output']} differ from the original's by "
             f"{result.verification['max_rel_diff']:.3g} (relative; the bound is {tolerance:g} in {dtype_name(out_dtype)}): nothing "
