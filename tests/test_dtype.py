@@ -313,3 +313,30 @@ def test_fp32_asset_is_unchanged(minilm_path, tmp_path):
     assert abs(checkpoint_bytes(tmp_path / "auto") / checkpoint_bytes(minilm_path) - 1) < 0.01
     v = result.verification  # measured on real text: the tokenizer is there
     assert v["compute_dtype"] == "float32" and not any("random" in w for w in result.warnings)
+
+
+def test_half_rounding_above_the_bound_is_checked_in_float32_not_called_inexact(monkeypatch):
+    """A float16 output whose rounding exceeds the bound (forced here by a tiny bound; whisper-tiny.en
+    on random features does it for real) is checked on the same conversion in float32: a right
+    plan passes with the figure in a warning, a wrong one is still an error."""
+    import normswap
+    from normswap import conversion
+    from normswap.errors import NormswapError
+    from tiny_models import tiny_model
+
+    monkeypatch.setitem(conversion.EXACT_TOLERANCE, "float16", 1e-12)
+    model, result = normswap.convert(tiny_model("gpt2").half(), "rmsnorm", fold=True)
+    assert result.record.exact and result.record.dtype == "float16"
+    assert result.verification["max_rel_diff"] > 1e-12 and result.verification["float32_max_rel_diff"] < 1e-5
+    assert any("rounding of the rewritten weights to float16" in w for w in result.warnings)
+
+    real = conversion.build_plan
+
+    def overclaim(model, source="auto", probe=None):
+        plan = real(model, source, probe)
+        plan.writers = []  # nothing centred, yet every site still claims a centred stream
+        return plan
+
+    monkeypatch.setattr(conversion, "build_plan", overclaim)
+    with pytest.raises(NormswapError, match="claims to be exact"):
+        normswap.convert(tiny_model("gpt2").half(), "rmsnorm", fold=True)
