@@ -76,7 +76,7 @@ def inspect_model(model: nn.Module | str | Path, *, trust_remote_code: bool = Fa
     plan = build_plan(model, source)
     seconds = time.perf_counter() - t0
     bad: dict[str, list[str]] = {}
-    if check and plan.family is not None:
+    if check and plan.family is not None and not plan.checked:  # a checked table was confirmed by discovery's own pass
         bad = check_readers(model, plan, model_inputs(model, n_tokens=16, block=16, batch_size=1, what="probe", n_utterances=1)[0])
     from normswap.conversion import fold_blockers
 

@@ -350,7 +350,7 @@ def _merge(calls: list[NormCall]) -> NormCall:
 
 def discovered_plan(model: nn.Module, probe: dict[str, torch.Tensor]):
     """The `ModelPlan` of `model` from one traced pass on `probe`."""
-    from normswap.archs.plan import ModelPlan, POST_LN_BLOCKER, Site, head_and_tie, is_norm
+    from normswap.archs.plan import ModelPlan, Site, fold_blocker, head_and_tie, is_norm
 
     trace = trace_model(model, probe)
     deep = deep_values(trace)
@@ -393,7 +393,7 @@ def discovered_plan(model: nn.Module, probe: dict[str, torch.Tensor]):
         site = Site(path, places[path], list(c.readers), fit.kind, trace.values[c.node.inputs[0]].shape[-1], fit.eps,
                     isinstance(weight, torch.Tensor), isinstance(bias, torch.Tensor), gain_offset=fit.gain_offset)
         site.foldable = not c.visible
-        site.blocker = (POST_LN_BLOCKER if style == "post" else _blocker(site, c))
+        site.blocker = fold_blocker(site, post_ln=style == "post", other_use=c.consumers[0] if c.consumers else None)
         ok, why, found_writers = verdicts.get(path, (False, "", []))
         site.writers = [w for _, w in found_writers]
         if site.kind == "layernorm" and style == "pre" and site.placement != "head":
@@ -407,20 +407,6 @@ def discovered_plan(model: nn.Module, probe: dict[str, torch.Tensor]):
                      list(dict.fromkeys(embed_writers)), head, tied, other, list(points) if any(s.centred for s in sites) else [],
                      source="discovery", norm_kind="rmsnorm" if sites and all(s.kind == "rmsnorm" for s in sites) else "layernorm",
                      notes=notes if any(s.centred for s in sites) else [])
-
-
-def _blocker(site, call: NormCall) -> str | None:
-    if site.placement == "embed":
-        return "its output starts the residual stream"
-    if site.placement == "head":
-        return "norm inside a task head"
-    if call.visible:
-        return "its output is the model's output (last_hidden_state)"
-    if call.consumers:
-        return f"its output also goes to {call.consumers[0]}, which is not a linear layer"
-    if not call.readers:
-        return "no linear layer reads it"
-    return None
 
 
 def _stream_verdicts(trace: Trace, stream: dict[str, NormCall], places: dict[str, str | None], deep: set[int]):

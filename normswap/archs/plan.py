@@ -306,7 +306,15 @@ def table_plan(model: nn.Module, family: Family) -> ModelPlan:
 
 def _table_blocker(model: nn.Module, family: Family, site: Site) -> str | None:
     """Why a table's site keeps its affine under --fold, tied heads aside (`conversion._fold_blocker`)."""
-    if family.style != "pre" or site.placement == "post":
+    linear = all(is_linear(get_module(model, r)) for r in site.readers)
+    return fold_blocker(site, post_ln=family.style != "pre", other_use=None if linear else "a reader that is not a linear layer")
+
+
+def fold_blocker(site: Site, *, post_ln: bool, other_use: str | None = None) -> str | None:
+    """Why a site's affine cannot move into its readers, whichever source the plan came from
+    (tied heads aside: `conversion._fold_blocker`): `other_use` names anything but a linear that
+    reads its output; `site.foldable` False means its output is the model's own."""
+    if post_ln or site.placement == "post":
         return POST_LN_BLOCKER
     if site.placement == "embed":
         return "its output starts the residual stream"
@@ -314,10 +322,10 @@ def _table_blocker(model: nn.Module, family: Family, site: Site) -> str | None:
         return "norm inside a task head"
     if not site.foldable:
         return "its output is the model's output (last_hidden_state)"
+    if other_use is not None:
+        return f"its output also goes to {other_use}, which is not a linear layer"
     if not site.readers:
         return "no linear layer reads it"
-    if not all(is_linear(get_module(model, r)) for r in site.readers):
-        return "a reader is not a linear layer"
     return None
 
 
