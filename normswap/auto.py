@@ -33,13 +33,55 @@ def _proxy(auto_name: str) -> type:
         from normswap.loading import load
 
         allow_new_head = auto_name not in ("AutoModel",)
-        return load(path, auto_class=getattr(transformers, auto_name), allow_new_head=allow_new_head)
+        # The dtype asked for (PEFT's AutoPeft classes and sentence-transformers pass one); the
+        # other from_pretrained options (device maps, revisions of a local folder) do not apply.
+        return load(path, auto_class=getattr(transformers, auto_name), allow_new_head=allow_new_head, dtype=_dtype_arg(kwargs))
 
     return type(f"Normswap{auto_name[4:] or 'Model'}", (), {
         "config_class": NormswapConfig,
         "from_pretrained": classmethod(from_pretrained),
         "__doc__": f"{auto_name} entry for normswap checkpoints: delegates to normswap.load.",
     })
+
+
+def _dtype_arg(kwargs: dict[str, Any]) -> Any:
+    """The dtype a from_pretrained call asks for (PEFT's AutoPeft classes and sentence-transformers
+    pass one), as normswap.load takes it; the other options (device maps, a local folder's
+    revision) do not apply to a converted checkpoint."""
+    import torch
+
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    return dtype
+
+
+def _route_concrete_classes() -> None:
+    """`LlamaForCausalLM.from_pretrained(converted_folder)` (what PEFT's AutoPeft classes call for
+    an adapter saved without a task type, and what people type) would build the plain class and
+    re-initialise the norms it cannot find, with a warning at most: silently wrong. After `import
+    normswap`, a local folder written by normswap goes to `normswap.load` instead, for every
+    model class; anything else is transformers' own from_pretrained, untouched."""
+    from pathlib import Path
+
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["from_pretrained"].__func__
+    if getattr(original, "_normswap_routed", False):
+        return
+
+    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        from normswap.loading import is_converted, load, read_record
+
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, Path)) and Path(path).is_dir() and kwargs.get("config") is None and is_converted(path):
+            record, _ = read_record(path)
+            return load(path, auto_class=cls, allow_new_head=cls.__name__ != record.architecture, dtype=_dtype_arg(kwargs))
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained.__doc__ = original.__doc__
+    from_pretrained._normswap_routed = True  # type: ignore[attr-defined]
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 
 _done = False
@@ -58,4 +100,5 @@ def register() -> None:
         auto = getattr(transformers, name, None)
         if auto is not None:  # not every transformers version has every Auto class
             auto.register(NormswapConfig, _proxy(name), exist_ok=True)
+    _route_concrete_classes()
     _done = True

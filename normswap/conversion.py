@@ -267,6 +267,12 @@ def convert_model(
             f"is saved. The plan ({plan.source}) is wrong for this model: `normswap inspect` shows it; --plan discover or "
             f"--drop-mean are the ways round it")
     result.seconds = time.perf_counter() - t0
+    from normswap.carry import attach
+
+    # The model carries its record (every save path writes a normswap checkpoint) and is known by
+    # no folder until it is saved: never by the original's name, which would rebuild LayerNorm.
+    local = source is not None and Path(source).is_dir()
+    attach(model, record, name_or_path="", tokenizer=tokenizer, processor=processor, aux_from=source if local else None)
     return model, result
 
 

@@ -309,6 +309,13 @@ def tensor_list(headers: list[SafetensorsHeader]) -> list[list[Any]]:
     return sorted([t.name, t.dtype, list(t.shape)] for h in headers for t in h.tensors.values())
 
 
+def state_tensor_list(state: dict[str, torch.Tensor]) -> list[list[Any]]:
+    """`tensor_list` of a state dict before it is written: the same entries safetensors' headers
+    will hold, so a config can carry the digest of weights written beside it by another tool."""
+    names = {t: name for name, (t, _) in DTYPES.items()}
+    return sorted([name, names[t.dtype], list(t.shape)] for name, t in state.items())
+
+
 # ---------------------------------------------------------------------------------------- digest
 
 

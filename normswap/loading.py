@@ -316,7 +316,9 @@ def load(
         model = model.to(dtype)
     _apply_generation_config(model, path)
     model.eval()
-    return model
+    from normswap.carry import attach
+
+    return attach(model, record, name_or_path=path, aux_from=path)
 
 
 def _apply_generation_config(model: nn.Module, path: Path) -> None:
@@ -347,8 +349,9 @@ def _check_digest(record: ConversionRecord, stored: dict[str, Any], headers: lis
     from normswap.integrity import record_digest, tensor_list
 
     if record.digest is None:
-        logger.warning("%s has no integrity digest (saved by an older normswap): loading it without checking "
-                       "that its conversion record and weights belong together", path)
+        logger.warning("%s has no integrity digest (saved by an older normswap, or its config.json was written apart "
+                       "from its weights): loading it without checking that its conversion record and weights belong "
+                       "together", path)
         return True
     return record_digest(stored, tensor_list(headers)) == record.digest
 
@@ -424,79 +427,62 @@ def _match_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
 def save(
     model: nn.Module,
     out: str | os.PathLike,
-    record: ConversionRecord,
+    record: ConversionRecord | None = None,
     *,
     tokenizer: Any = None,
+    processor: Any = None,
     copy_from: str | os.PathLike | None = None,
     overwrite: bool = False,
     inputs: dict[str, Any] | None = None,
 ) -> Path:
     """Write a converted model to `out` atomically: a temporary folder moved into place when complete.
 
-    Besides weights and config, the source's auxiliary files (tokenizer, pooling config...) are
-    copied from `copy_from`, and the tokenizer (if given) is saved so the folder is self-contained.
-    `out` may not be, contain or lie inside `copy_from` or any of `inputs` (name -> path).
+    `record` defaults to the one the model carries (models from `normswap.convert`, `normswap.load`
+    and `normswap finetune` carry theirs, see `normswap.carry`). Besides weights and config, the
+    source's auxiliary files (tokenizer, sentence-transformers pooling...) are copied from
+    `copy_from`, and the tokenizer and processor are saved, so the folder is self-contained; each
+    defaults to what the model carries (the folder it was loaded or converted from, the tokenizer
+    its conversion used). `out` may not be, contain or lie inside `copy_from` or any of `inputs`
+    (name -> path). Afterwards the model carries the record, and is known by `out` if it had no
+    folder of its own yet.
     """
-    from safetensors.torch import save_file
+    from normswap.carry import attach, extras_of, record_of, set_name_or_path, write_weights_and_config
 
+    record = record if record is not None else record_of(model)
+    if record is None:
+        raise NormswapError("normswap.save needs a conversion record: this model was not converted by normswap "
+                            "(pass the record of normswap.convert's result)")
+    extras = extras_of(model)
+    copy_from = copy_from if copy_from is not None else extras.aux_from
+    tokenizer = tokenizer if tokenizer is not None else extras.tokenizer
+    processor = processor if processor is not None else extras.processor
     out = Path(out)
     with atomic_output(out, overwrite=overwrite, inputs={"source model": copy_from, **(inputs or {})}) as tmp:
         if copy_from is not None and Path(copy_from).is_dir():
             _copy_aux_files(Path(copy_from), tmp)
+        if processor is not None:
+            processor.save_pretrained(str(tmp))  # a speech processor holds the tokenizer too
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        save_file(_unique_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "normswap": record.version})
-        write_config(tmp, model.config, record)
+        write_weights_and_config(model, tmp, record)
+    attach(model, record, tokenizer=tokenizer, processor=processor)
+    if not getattr(model, "name_or_path", ""):
+        set_name_or_path(model, out)
     return out
 
 
 def write_config(folder: Path, config: Any, record: ConversionRecord) -> None:
-    """config.json of a converted checkpoint: the base config, model_type "normswap", the record.
-
-    Runs after the weights are in `folder`: the record (validated as `normswap.load` will read it)
-    gets a digest over itself and the written tensors' names, dtypes and shapes."""
-    from normswap.integrity import read_checkpoint, record_digest, tensor_list, weight_files
+    """config.json of a converted checkpoint whose weights are already in `folder` (the streaming
+    path): the base config, model_type "normswap", the record and its digest over the written
+    tensors' names, dtypes and shapes (`normswap.carry.converted_config`)."""
+    from normswap.carry import converted_config
+    from normswap.integrity import read_checkpoint, tensor_list, weight_files
 
     files, weight_map = weight_files(folder)
     headers = read_checkpoint(files, weight_map, folder / WEIGHTS_INDEX_NAME)
-    as_read = json.loads(json.dumps({**record.to_dict(), "digest": None}, default=str))
-    checked = ConversionRecord.from_dict(as_read, where="the record being saved").to_dict()
-    digest = record_digest(checked, tensor_list(headers))
-    record.digest = digest
-    cfg = config.to_dict()
-    cfg.pop("_normswap_source", None)
-    cfg["model_type"] = MODEL_TYPE
-    cfg["architectures"] = [record.architecture]
-    cfg["normswap"] = {**checked, "digest": digest}
+    cfg = converted_config(config, record, tensor_list(headers))
+    record.digest = cfg["normswap"]["digest"]
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tied tensor once, under its first name (the body's embedding, not
-    the head), so that the bare body can be loaded from the same file.
-
-    A tensor shared under a name that the model as configured does not tie (transformers ties by
-    `_tied_weights_keys` only while `tie_word_embeddings` holds, so a head untied by
-    `--tied-head untie` unties BART's encoder and decoder lookups from `shared` too) is written
-    again under that name, or it would be missing when the checkpoint loads."""
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    try:
-        ties = expand(all_submodels=True) if expand is not None else None
-    except Exception:  # noqa: BLE001 - a model's own tie table that transformers cannot expand
-        ties = None
-    tied_names = None if ties is None else set(ties) | set(ties.values())
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape))
-        if key in seen:
-            if tied_names is None or name in tied_names:
-                continue
-            state[name] = t.detach().clone()
-            continue
-        seen.add(key)
-        state[name] = t.detach().contiguous()
-    return state
 
 
 def _copy_aux_files(src: Path, dst: Path) -> None:

@@ -15,8 +15,12 @@
 # normswap.modules so that the two cannot drift apart.
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import types
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -241,6 +245,7 @@ def load_normswap(repo: str, auto_name: str | None = None, dtype=None, **hub) ->
     record = cfg.pop("normswap", None)
     if record is None:
         raise ValueError(f"{repo} is not a normswap checkpoint (config.json has no 'normswap' section)")
+    auto_map = cfg.get("auto_map") or {}
     for key in ("model_type", "transformers_version", "auto_map", "architectures", "_name_or_path"):
         cfg.pop(key, None)
     config = AutoConfig.for_model(record["base_model_type"], **cfg)
@@ -265,7 +270,49 @@ def load_normswap(repo: str, auto_name: str | None = None, dtype=None, **hub) ->
     if dtype is not None and dtype != "auto":
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model.eval()
+    # Saved again (SentenceTransformer.save, a Trainer checkpoint...), it stays a normswap checkpoint.
+    model.__dict__["_normswap_record"] = record
+    model.__dict__["_normswap_auto_map"] = auto_map
+    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
+    model.config._name_or_path = model.name_or_path = str(repo)
     return model
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """transformers' own save_pretrained, then config.json made a normswap config again (the
+    record, its integrity digest over the written tensors, `auto_map`) and this file copied beside
+    it: the folder loads with `trust_remote_code=True` and with `normswap.load`, never as the plain
+    base model."""
+    from safetensors import safe_open
+
+    kwargs["push_to_hub"] = False  # an upload would send the plain config: save, then push the folder
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return
+    tensors, counts = [], {}
+    for name in sorted(os.listdir(save_directory)):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            with safe_open(os.path.join(save_directory, name), "pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    tensors.append([key, part.get_dtype(), list(part.get_shape())])
+    for t in self.state_dict().values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    record = {k: v for k, v in self._normswap_record.items() if k != "digest"}
+    if counts:
+        record["dtype"] = str(max(counts, key=counts.get)).replace("torch.", "")
+    payload = json.dumps({"normswap-digest": 1, "record": record, "tensors": sorted(tensors)},
+                         sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    cfg = self.config.to_dict()
+    cfg.update({"model_type": "normswap", "architectures": [record["architecture"]], "auto_map": self._normswap_auto_map,
+                "normswap": {**record, "digest": "sha256:" + hashlib.sha256(payload.encode()).hexdigest()}})
+    with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    shutil.copyfile(__file__, os.path.join(save_directory, "modeling_normswap.py"))
 
 
 class _NormswapAuto:
