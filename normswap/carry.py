@@ -152,7 +152,11 @@ class CarriedConfig:
             return super().to_json_string(use_diff)  # type: ignore[misc]
         ref = self.__dict__.get(_MODEL)
         model = ref() if ref is not None else None
-        tensors = state_tensor_list(unique_state(model)) if model is not None else None
+        tensors = None
+        if model is not None:
+            state = unique_state(model)
+            describe(record, model, state)
+            tensors = state_tensor_list(state)
         return json.dumps(converted_config(self, record, tensors), indent=2, sort_keys=True, default=str) + "\n"
 
     # `type(config).from_pretrained(folder)` (PEFT reads an adapter's base config so) reads a
@@ -270,8 +274,7 @@ def write_weights_and_config(model: nn.Module, folder: Path, record: ConversionR
     from normswap.loading import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     state = unique_state(model, state)
-    record.dtype = saved_dtype(state) or record.dtype
-    record.architecture = _architecture_name(model) or record.architecture
+    describe(record, model, state)
     folder.mkdir(parents=True, exist_ok=True)
     _replace(folder / WEIGHTS_NAME, lambda f: save_file(state, str(f), metadata={"format": "pt", "normswap": record.version}))
     for stale in [*folder.glob("model-*-of-*.safetensors"), folder / WEIGHTS_INDEX_NAME]:
@@ -279,6 +282,13 @@ def write_weights_and_config(model: nn.Module, folder: Path, record: ConversionR
     cfg = converted_config(model.config, record, state_tensor_list(state))
     record.digest = cfg["normswap"]["digest"]
     _replace(folder / CONFIG_NAME, lambda f: f.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def describe(record: ConversionRecord, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Bring the record's dtype and architecture up to date with the model as it is saved: cast
+    since it was converted, or loaded with another head (a body as AutoModelForMaskedLM)."""
+    record.dtype = saved_dtype(state) or record.dtype
+    record.architecture = _architecture_name(model) or record.architecture
 
 
 def _architecture_name(model: nn.Module) -> str | None:

@@ -309,7 +309,8 @@ def load(
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise NormswapError(f"cannot build {record.architecture} from {path / CONFIG_NAME}: {msg}") from None
     apply_structure(model, record, path / CONFIG_NAME)
-    _load_weights_strict(model, path, allow_new_head=allow_new_head, headers=headers, modified=modified)
+    _load_weights_strict(model, path, allow_new_head=allow_new_head, headers=headers, modified=modified,
+                         other_head=allow_new_head and type(model).__name__ != record.architecture)
     if dtype is None and record.dtype is not None:  # the dtype it was saved in (None: as built, float32)
         dtype = getattr(torch, record.dtype)
     if dtype is not None:
@@ -357,11 +358,13 @@ def _check_digest(record: ConversionRecord, stored: dict[str, Any], headers: lis
 
 
 def _load_weights_strict(model: nn.Module, path: Path, *, allow_new_head: bool, headers: list[Any] | None = None,
-                         modified: bool = False) -> None:
+                         modified: bool = False, other_head: bool = False) -> None:
     """Load the folder's weights into `model`: every tensor must find a parameter or buffer of the
     same shape and a compatible dtype (floating for floating, exact otherwise) and every parameter
     a tensor; parameters must be finite. `headers` are the files' validated headers (read here if
-    not given); `modified` (a digest mismatch) is reported with the first other error found, or alone."""
+    not given); `modified` (a digest mismatch) is reported with the first other error found, or alone.
+    `other_head`: the model is of another class than the one saved (another head on the same body),
+    whose own head tensors (a pooler) it has no place for and leaves out."""
     from safetensors.torch import load_file
 
     from normswap.integrity import check_values, read_checkpoint, tensor_mismatch, weight_files
@@ -385,6 +388,11 @@ def _load_weights_strict(model: nn.Module, path: Path, *, allow_new_head: bool, 
     state = {k: state[old] for k, old in names.items()}
     expected = model.state_dict(keep_vars=True)
     unexpected = [k for k in state if k not in expected]
+    if other_head and unexpected:  # BertForMaskedLM given a BertModel's pooler, as from_pretrained is
+        logger.info("%s: %d saved tensor(s) have no place in %s and are not loaded, e.g. %s", file,
+                    len(unexpected), type(model).__name__, unexpected[0])
+        state = {k: v for k, v in state.items() if k in expected}
+        unexpected = []
     loaded_ids = {id(expected[k]) for k in state if k in expected}
     missing = [k for k in expected if id(expected[k]) not in loaded_ids]
     if allow_new_head:
