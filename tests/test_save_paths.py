@@ -155,7 +155,12 @@ def test_push_to_hub_uploads_the_export(converted, tmp_path, monkeypatch, name, 
     names = {p.name for p in uploaded.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_normswap.py", "README.md"} <= names
     assert "tokenizer.json" in names or name == "llama-folded"  # the tiny Llama has no tokenizer
-    assert json.loads((uploaded / "config.json").read_text())["auto_map"]
+    cfg = json.loads((uploaded / "config.json").read_text())
+    assert cfg["auto_map"]
+    # provenance says "a local checkpoint", never a path of this machine (the digest still verifies, below)
+    assert str(converted(name).parent) not in json.dumps(cfg) and "/tmp" not in json.dumps(cfg)
+    if name.startswith("minilm"):
+        assert cfg["normswap"]["source"]["model"] == "a local checkpoint"
     assert _same(converted(name), uploaded)
     out = capsys.readouterr()
     assert secret not in out.out + out.err + caplog.text

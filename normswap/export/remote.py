@@ -85,7 +85,34 @@ def export_for_hub(folder: str | os.PathLike, out: str | os.PathLike, *, card: s
                 shutil.copy2(item, tmp / item.name)
         cfg: dict[str, Any] = json.loads((src / "config.json").read_text())
         cfg["auto_map"] = dict(AUTO_MAP)
+        _public_provenance(cfg["normswap"], tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def _public_provenance(record: dict[str, Any], folder: Path) -> None:
+    """The record's provenance as the public may read it: a source, student, teacher or data file
+    that is not a Hub id is named "a local checkpoint" / "a local file" (a path on the converting
+    machine means nothing to a reader, and may tell too much). The digest is recomputed over the
+    record so changed and the weights in `folder`, so the export still verifies."""
+    from normswap.export.card import looks_like_hub_id
+    from normswap.integrity import read_checkpoint, record_digest, tensor_list, weight_files
+
+    def public(value: Any, what: str) -> Any:
+        return value if not isinstance(value, str) or looks_like_hub_id(value) else what
+
+    source = record.get("source") or {}
+    for key, what in (("model", "a local checkpoint"),):
+        if key in source:
+            source[key] = public(source[key], what)
+    finetune = source.get("finetune")
+    if isinstance(finetune, dict):
+        for key, what in (("from", "a local checkpoint"), ("teacher", "a local checkpoint"), ("data", "a local file")):
+            if key in finetune:
+                finetune[key] = public(finetune[key], what)
+    if record.get("digest") is not None:
+        files, weight_map = weight_files(folder)
+        headers = read_checkpoint(files, weight_map, folder / "model.safetensors.index.json")
+        record["digest"] = record_digest(record, tensor_list(headers))
