@@ -3,6 +3,10 @@
 Each verb lives in `normswap/commands/<verb>.py` and registers itself on `app`; results go to stdout
 (human tables or `--format json`), logs and progress to stderr, and a user mistake exits non-zero
 with one line (see `normswap.errors.NormswapError`).
+
+`normswap --help`, `--version` and `archs` must answer in a fraction of a second, so nothing here or
+in the command modules imports torch or transformers at the top: each command that loads a model
+imports what it needs in its body and calls `commands.common.setup_runtime` first.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import typer
 from normswap import __version__
 from normswap.commands import convert as _convert
 from normswap.commands import eval as _eval
+from normswap.commands import export as _export
 from normswap.commands import finetune as _finetune
 from normswap.commands import inspect as _inspect
 from normswap.commands import push as _push
@@ -30,6 +35,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: help texts are printed as written. Rich markup (Typer's default) would read
+    # "[default: ...]" in a help string as a style tag and drop it, and its boxes wrap badly in pipes.
+    rich_markup_mode=None,
 )
 
 
@@ -44,16 +52,10 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log output on stderr."),
 ) -> None:
-    setup_logging(verbose)
-    import transformers
-
-    # normswap shows its own progress; transformers' per-load bars and advice only add noise.
-    transformers.utils.logging.disable_progress_bar()
-    if not verbose:
-        transformers.utils.logging.set_verbosity_error()
+    setup_logging(verbose)  # transformers' own logging is set where it is imported (commands.common.setup_runtime)
 
 
-for _module in (_inspect, _convert, _eval, _finetune, _recipe, _push):
+for _module in (_inspect, _convert, _eval, _finetune, _recipe, _push, _export):
     _module.register(app)
 
 
@@ -63,7 +65,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install_signal_handlers()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="normswap")  # also under `python -m normswap` and in tests
     except NormswapError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -79,6 +81,11 @@ def main() -> None:
         what = describe_io_error(err)  # a full disk or a permission error wherever it happened
         if what is not None:
             typer.echo(f"error: {what}", err=True)
+            sys.exit(2)
+        # `normswap` or `normswap recipe` alone: the help itself is the message (on stderr, exit 2, as
+        # click does); printed as "error: <help>" it would read as a failure with no reason.
+        if type(err).__name__ == "NoArgsIsHelpError":
+            typer.echo(err.format_message(), err=True)
             sys.exit(2)
         # Usage errors (unknown option, missing argument, a value of the wrong type) from click or
         # Typer's bundled copy of it: one line, with where to find the usage.

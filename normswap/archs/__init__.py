@@ -3,8 +3,13 @@
 The built-in tables live in `decoders.py`, `encoders.py`, `rmsnorm_models.py` and `seq2seq.py`. Users add a
 family with `register_family(Family(...))`, or from another package through the entry point group
 "normswap.families" (each entry point resolves to a `Family`).
+
+This package is torch-free (the tables are plain data), so `normswap archs` lists the families
+without importing torch; the plan built from a table (`normswap.archs.plan`) is where torch comes in.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from normswap.archs import decoders, encoders, rmsnorm_models, seq2seq
 from normswap.archs.spec import Family, NormSpec, Stack
@@ -44,7 +49,20 @@ def families() -> list[Family]:
     return list(_REGISTRY.values())
 
 
+def describe_family(family: Family) -> dict[str, Any]:
+    """A JSON-able summary of a family table (for `normswap archs`)."""
+    return {
+        "model_type": family.model_type,
+        "style": family.style,
+        "norm_kind": family.norm_kind,
+        "norms": [f"{st.name}: {n.name}" if st.name else n.name for st in family.stacks for n in st.block_norms + st.model_norms]
+        + [n.name for n in family.head_norms],
+        "flag_dependent": family.variant is not None,
+        "notes": family.notes,
+    }
+
+
 for _family in (*decoders.FAMILIES, *encoders.FAMILIES, *rmsnorm_models.FAMILIES, *seq2seq.FAMILIES):
     register_family(_family)
 
-__all__ = ["Family", "NormSpec", "Stack", "families", "get_family", "register_family"]
+__all__ = ["Family", "NormSpec", "Stack", "describe_family", "families", "get_family", "register_family"]

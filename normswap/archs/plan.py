@@ -10,12 +10,11 @@ error naming the site), or discovers the plan where there is none.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from normswap.archs import get_family
+from normswap.archs import describe_family, get_family  # noqa: F401  (describe_family: re-exported, it lives there torch-free)
 from normswap.archs.spec import Family
 from normswap.archs.trace import is_linear
 from normswap.errors import NormswapError
@@ -445,16 +444,3 @@ def _is_slice_of(got: torch.Tensor, out: torch.Tensor) -> bool:
     if got.dim() == 2 and out.dim() == 3 and got.shape[0] == out.shape[0]:  # pooler / classifier on token 0
         return torch.allclose(got, out[:, 0], atol=1e-6, rtol=1e-5)
     return False
-
-
-def describe_family(family: Family) -> dict[str, Any]:
-    """A JSON-able summary of a family table (for `normswap archs`)."""
-    return {
-        "model_type": family.model_type,
-        "style": family.style,
-        "norm_kind": family.norm_kind,
-        "norms": [f"{st.name}: {n.name}" if st.name else n.name for st in family.stacks for n in st.block_norms + st.model_norms]
-        + [n.name for n in family.head_norms],
-        "flag_dependent": family.variant is not None,
-        "notes": family.notes,
-    }

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+from normswap.commands.common import FORMAT_OPTION, THREADS_OPTION, OutputFormat, emit_json, setup_runtime, table
 from normswap.errors import NormswapError
 
 EXACT_TOLERANCE = 1e-4  # --verify fails an "exact" conversion whose relative logit error exceeds this
@@ -22,15 +22,15 @@ def convert_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --overwrite)."),
     fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold norm affines into the reading linears where exact."),
     tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it). RMSNorm models (Llama...): auto keeps the tie and the final norm's gain, untie folds it."),
-    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text file for DyT calibration (default: built-in sample)."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text file for DyT calibration [default: a built-in sample]."),
     calib_audio: Optional[Path] = typer.Option(None, "--calib-audio", help="Speech models (Whisper): a folder of audio files (with a transcripts.tsv, else the original's greedy decodes) for DyT calibration."),
     calib_audio_subsets: Optional[str] = typer.Option(None, "--calib-audio-subsets", help="Only these comma-separated manifest subsets of --calib-audio (calibrate on train, evaluate on test)."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT (speech: one utterance per 256, at most 32)."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
     alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
     verify: bool = typer.Option(False, "--verify", help="Fail (exit 1) if an exact conversion's relative deviation exceeds the bound. Every in-memory conversion is measured, and one that claims exactness and misses it is never saved."),
-    verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify (default: built-in sample)."),
-    verify_audio: Optional[Path] = typer.Option(None, "--verify-audio", help="Speech models: a folder of audio files for --verify (default: the calibration audio, else random features)."),
+    verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify [default: a built-in sample]."),
+    verify_audio: Optional[Path] = typer.Option(None, "--verify-audio", help="Speech models: a folder of audio files for --verify [default: the calibration audio, else random features]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (exact conversions only: --to rmsnorm on LayerNorm Pre-LN and RMSNorm families; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
@@ -38,9 +38,11 @@ def convert_cmd(
     drop_mean: bool = typer.Option(False, "--drop-mean", help="Sites whose Pre-LN stream cannot be centred (and models whose structure is unknown): swap LayerNorm for plain RMSNorm, dropping the mean (approximate, measured). By default their RMSNorms subtract the input mean first, keeping LayerNorm's function exactly."),
     plan: str = typer.Option("auto", "--plan", help="Where the norm sites come from: auto (the family table, cross-checked by discovery; discovery where there is no table), table or discover."),
     dtype: str = typer.Option("auto", "--dtype", help="Floating dtype of the saved weights: auto (the source checkpoint's own), float32, bfloat16 or float16."),
+    threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     """Replace every LayerNorm with RMSNorm or DyT and save a checkpoint that loads back exactly."""
+    setup_runtime(threads)
     from normswap.audio import subset_names
     from normswap.conversion import check_options, convert_model
     from normswap.loading import save

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+from normswap.commands.common import FORMAT_OPTION, THREADS_OPTION, OutputFormat, emit_json, setup_runtime, table
 from normswap.errors import NormswapError
 
 
@@ -68,8 +68,10 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt [default: each task's own, 0]."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png (must not exist unless --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder (once the new results are complete)."),
+    threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
+    setup_runtime(threads)
     from normswap.evaluation.glue import GlueSettings
     from normswap.audio import subset_names
     from normswap.evaluation.runner import EvalRequest, run_eval

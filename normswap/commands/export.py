@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json
+from normswap.commands.common import FORMAT_OPTION, THREADS_OPTION, OutputFormat, emit_json, setup_runtime
 
 
 def register(app: typer.Typer) -> None:
@@ -30,8 +30,10 @@ def export_cmd(
     stock: bool = typer.Option(False, "--stock", help="A plain checkpoint of the original class, loadable without normswap or remote code (exact conversions a stock class can hold)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (swapped in only once the new export is complete)."),
     repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Hub repository the export is meant for (names it in the card) [default: none]."),
+    threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
+    setup_runtime(threads)  # --stock runs the model to check the export
     info = export_stock_folder(folder, out, overwrite=overwrite, repo_id=repo_id) if stock else \
         export_remote_folder(folder, out, overwrite=overwrite, repo_id=repo_id)
     if fmt == OutputFormat.json:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+from normswap.commands.common import FORMAT_OPTION, THREADS_OPTION, OutputFormat, emit_json, setup_runtime, table
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +39,7 @@ def finetune_cmd(
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW)."),
     min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Cosine decay ends at lr * this."),
     warmup: float = typer.Option(0.05, "--warmup", help="Warmup: a fraction of the steps (<1) or a step count."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
     clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0: off)."),
     train: str = typer.Option("all", "--train", help="Which parameters train: all, norms, norms+readers."),
     temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature."),
@@ -59,8 +59,10 @@ def finetune_cmd(
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, keeping the model as trained so far."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+    threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
+    setup_runtime(threads)  # per process under `accelerate launch`
     from normswap.audio import subset_names
     from normswap.training import TrainConfig, finetune, parse_count
 

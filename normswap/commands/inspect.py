@@ -1,9 +1,11 @@
 """`normswap inspect MODEL` and `normswap archs`."""
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+from normswap.commands.common import FORMAT_OPTION, THREADS_OPTION, OutputFormat, emit_json, setup_runtime, table
 
 
 def register(app: typer.Typer) -> None:
@@ -19,9 +21,11 @@ def inspect_cmd(
     model: str = typer.Argument(..., help="Hub id or local model folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
     plan: str = typer.Option("auto", "--plan", help=PLAN_HELP),
+    threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     """Norm sites, placement, readers and writers, and what each conversion would be."""
+    setup_runtime(threads)
     from normswap.archs.plan import check_plan_source
     from normswap.inspection import inspect_model
 
@@ -75,8 +79,7 @@ def _short_paths(paths: list[str], keep: int = 3) -> str:
 
 def archs_cmd(fmt: OutputFormat = FORMAT_OPTION) -> None:
     """The architecture family tables (keyed by config.model_type); other architectures are discovered."""
-    from normswap.archs import families
-    from normswap.archs.plan import describe_family
+    from normswap.archs import describe_family, families  # torch-free: listing the tables loads no model
 
     items = [describe_family(f) for f in families()]
     if fmt == OutputFormat.json:

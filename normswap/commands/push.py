@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json
+from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, setup_runtime
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,7 @@ def push_cmd(
     message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
+    setup_runtime()  # as every command that reads checkpoints (quiet transformers, model type registered); no model runs: no --threads
     from normswap.export import push
 
     info = push(folder, repo_id, private=private, revision=revision, dry_run=dry_run, export_dir=export_dir,

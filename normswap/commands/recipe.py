@@ -11,9 +11,10 @@ from typing import List, Optional
 
 import typer
 
-from normswap.commands.common import FORMAT_OPTION, OutputFormat, emit_json, table
+from normswap.commands.common import FORMAT_OPTION, THREADS_OPTION, OutputFormat, emit_json, setup_runtime, table
 
-recipe_app = typer.Typer(help="Recipes: convert -> finetune -> eval from one YAML file, with a report.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Recipes: convert -> finetune -> eval from one YAML file, with a report.", no_args_is_help=True,
+                         rich_markup_mode=None)  # plain help, as the root app's (see normswap.cli)
 
 
 def register(app: typer.Typer) -> None:
@@ -70,8 +71,10 @@ def run_cmd(
     force: bool = typer.Option(False, "--force", help="Run every stage again, even those already complete."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Parent folder of the run folder [default: the recipe's output_dir, usually runs/]."),
     job: Optional[List[str]] = typer.Option(None, "--job", help="Run only this job (repeatable)."),
+    threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
+    setup_runtime(threads)  # every stage runs in this process
     from normswap.recipes import find_recipe, load_recipe, run_recipe
     from normswap.recipes.report import summary_table
 

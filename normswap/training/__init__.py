@@ -10,8 +10,20 @@ parameters train), `progressive` (swap norms in one at a time), `checkpoint` (at
 """
 from __future__ import annotations
 
-from normswap.training.api import FinetuneResult, finetune
-from normswap.training.config import TrainConfig, parse_count
-from normswap.training.loop import TrainingDiverged
+from typing import Any
+
+# Resolved on first use: `normswap.training.config` (which recipe validation reads) needs no torch,
+# and `normswap recipe ls / validate` should not pay for importing it.
+_LAZY = {"FinetuneResult": "api", "finetune": "api", "TrainConfig": "config", "parse_count": "config",
+         "TrainingDiverged": "loop"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'normswap.training' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"normswap.training.{_LAZY[name]}"), name)
+
 
 __all__ = ["FinetuneResult", "TrainConfig", "TrainingDiverged", "finetune", "parse_count"]
