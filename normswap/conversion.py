@@ -588,6 +588,10 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
         targets_y = _capture(model, [s.path for s in sites], calib_batches, "output")
         if not sequential:
             inputs_x = _capture(model, [s.path for s in sites], calib_batches, "input")
+    from normswap.evaluation.progress import progress_bar
+
+    # Calibrating Whisper's 34 sites on 8k tokens takes minutes: say how far it is.
+    bar = progress_bar(len(sites), "calibrating DyT", unit="sites") if calib_batches is not None else None
     for site in sites:
         old = get_module(model, site.path)
         g, b = _affine(old, site)
@@ -650,6 +654,10 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             method=method, alpha=alpha,
         ))
         logger.debug("%s -> %s (%s%s)", site.path, to, method, ", folded" if folded else "")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 def _affine(module: nn.Module, site: Site) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -13,7 +13,6 @@ take the 2.5th and 97.5th percentiles of the difference (fixed seed, so reruns a
 """
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,7 @@ from torch import nn
 from normswap.audio import AudioSet, Utterance, load_audio
 from normswap.errors import NormswapError
 from normswap.evaluation import bootstrap
-from normswap.evaluation.progress import progress_bar
-from normswap.log import logger
+from normswap.evaluation.progress import progress_bar, short_name
 
 NORMALIZER_FILE = "normalizer.json"
 BOOTSTRAP_RESAMPLES = bootstrap.RESAMPLES
@@ -216,8 +214,7 @@ def transcribe(model: nn.Module, processor: Any, utterances: Sequence[Utterance]
             kwargs.update(language="en", task="transcribe")  # the normaliser is English
     order = sorted(range(len(utterances)), key=lambda i: utterances[i].seconds)
     texts: list[str | None] = [None] * len(utterances)
-    bar = progress_bar(len(utterances), f"transcribing ({Path(name).name})", progress, unit="utt")
-    t0 = last = time.perf_counter()
+    bar = progress_bar(len(utterances), f"transcribing ({short_name(name)})", progress, unit="utterances", done_word="transcribed")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # Whisper's generate warns on every batch about its own defaults
     try:
@@ -233,11 +230,6 @@ def transcribe(model: nn.Module, processor: Any, utterances: Sequence[Utterance]
             for i, t in zip(idx, processor.tokenizer.batch_decode(ids, skip_special_tokens=True)):
                 texts[i] = t.strip()
             bar.update(len(idx))
-            now = time.perf_counter()
-            if bar.disable and (now - last >= 10 or k + batch_size >= len(order)):
-                done = min(k + batch_size, len(order))
-                logger.info("asr %s: %d/%d utterances transcribed (%.0f s)", name, done, len(order), now - t0)
-                last = now
     finally:
         transformers.logging.set_verbosity(verbosity)
         bar.close()

@@ -30,7 +30,7 @@ from normswap.errors import NormswapError
 from normswap.evaluation import bootstrap
 from normswap.evaluation.glue_data import GlueExample, GlueTask
 from normswap.evaluation.metrics import compute_glue_metrics
-from normswap.evaluation.progress import progress_bar
+from normswap.evaluation.progress import progress_bar, short_name
 from normswap.log import logger
 
 
@@ -195,7 +195,7 @@ def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed
     gen = torch.Generator().manual_seed(seed)
     model.train()
     step, tokens = 0, 0
-    bar = progress_bar(total, f"train {task.name}", progress, unit="step")
+    bar = progress_bar(total, f"GLUE {task.name} train ({short_name(name)}, seed {seed})", progress, unit="steps")
     while step < total:
         for idx in _length_grouped_batches(data, s.batch_size, gen):
             if step >= total:
@@ -215,8 +215,8 @@ def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed
             opt.zero_grad(set_to_none=True)
             tokens += batch["input_ids"].numel()
             step += 1
-            bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1, tokens=batch["input_ids"].numel())
     bar.close()
     model.eval()
     return step, tokens
@@ -231,7 +231,7 @@ def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pa
     model.eval()
     order = sorted(range(len(data.labels)), key=lambda i: len(data.input_ids[i]))
     preds: list[float] = [0.0] * len(order)
-    bar = progress_bar(len(order), f"dev {task.name}", progress, unit="ex")
+    bar = progress_bar(len(order), f"GLUE {task.name} dev ({short_name(name)})", progress, unit="examples")
     for k in range(0, len(order), s.eval_batch_size):
         idx = order[k:k + s.eval_batch_size]
         batch = _batch(data, idx, pad_id, task.is_regression)

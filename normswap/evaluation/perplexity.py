@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.evaluation.progress import progress_bar
+from normswap.evaluation.progress import progress_bar, short_name
 from normswap.textfiles import read_text  # noqa: F401 - the shared text reader, re-exported here
 
 LOGITS_BUDGET_BYTES = 512 * 2**20  # cap on one batch's float32 logits
@@ -277,7 +277,7 @@ def causal_perplexity(
     windows = causal_windows(n, max_length, stride)
     vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else 50_000
     nlls: list[torch.Tensor] = []
-    bar = progress_bar(len(windows), "perplexity", progress, unit="win")
+    bar = progress_bar(len(windows), f"perplexity ({short_name(name)})", progress, unit="windows")
     i = 0
     while i < len(windows):
         length = windows[i][1] - windows[i][0]
@@ -292,7 +292,7 @@ def causal_perplexity(
         for row, (_, _, first_new) in zip(nll, group):
             nlls.append(row[first_new:].cpu())
         i += len(group)
-        bar.update(len(group))
+        bar.update(len(group), tokens=sum(e - b - first_new for b, e, first_new in group))  # the tokens scored
     bar.close()
     return _summary("causal", torch.cat(nlls), name, None if text is None else (text.causal_bytes, text.bytes_from),
                     max_length=max_length, stride=stride, windows=len(windows), text_tokens=n)
@@ -374,7 +374,7 @@ def masked_lm_perplexity(
         raise NormswapError("the text is too short: the 15% mask selected no token")
     chunks = _mlm_chunks(tokenizer, ids, max_length)
     nlls: list[torch.Tensor] = []
-    bar = progress_bar(len(chunks), "masked-LM loss", progress, unit="chunk")
+    bar = progress_bar(len(chunks), f"masked-LM loss ({short_name(name)})", progress, unit="chunks")
     for k in range(0, len(chunks), batch_size):
         group = chunks[k:k + batch_size]
         rows, targets, where = [], [], []
@@ -386,13 +386,13 @@ def masked_lm_perplexity(
                 where.append((r, offset + j))
             rows.append(inp)
         if not where:
-            bar.update(len(group))
+            bar.update(len(group), tokens=sum(c[3] for c in group))
             continue
         x, att = _pad(rows, pad_id)
         logits = model(input_ids=x.to(device), attention_mask=att.to(device)).logits.float()
         picked = logits[[w[0] for w in where], [w[1] for w in where]]
         nlls.append(nn.functional.cross_entropy(picked, torch.tensor(targets, device=device), reduction="none").cpu())
-        bar.update(len(group))
+        bar.update(len(group), tokens=sum(c[3] for c in group))  # the text's tokens these chunks cover
     bar.close()
     return _summary(
         "masked", torch.cat(nlls), name, max_length=max_length, stride=None, windows=len(chunks), text_tokens=int(ids.numel()),
@@ -425,7 +425,7 @@ def pseudo_perplexity(
     chunks = _mlm_chunks(tokenizer, ids, max_length)
     jobs = [(inp, offset + j, int(ids[start + j])) for inp, offset, start, length in chunks for j in range(length)]
     nlls: list[torch.Tensor] = []
-    bar = progress_bar(len(jobs), "pseudo-perplexity", progress, unit="tok")
+    bar = progress_bar(len(jobs), f"pseudo-perplexity ({short_name(name)})", progress, unit="tokens")
     for k in range(0, len(jobs), batch_size):
         group = jobs[k:k + batch_size]
         rows = []

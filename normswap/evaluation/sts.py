@@ -116,7 +116,7 @@ def embed(
     device = next(model.parameters()).device
     order = sorted(range(len(sentences)), key=lambda k: len(sentences[k]))
     chunks: list[tuple[list[int], torch.Tensor]] = []
-    bar = progress_bar(len(sentences), "embedding", progress, unit="sent")
+    bar = progress_bar(len(sentences), "embedding", progress, unit="sentences")
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")

@@ -167,40 +167,36 @@ def _included_names(manager: Any, include_path: str | None) -> set[str]:
 
 class RequestProgress:
     """One bar over every request of every task for every model: a tqdm bar on a terminal, else a
-    log line every `every_s` seconds. lm-eval reports each finished request through its cache hook."""
+    log line every `every_s` seconds (`normswap.evaluation.progress.Progress`). lm-eval reports each
+    finished request through its cache hook; the total grows as each task's requests are built."""
 
     def __init__(self, models: int, enabled: bool | None = None, every_s: float = 30.0) -> None:
-        from normswap.evaluation.progress import progress_bar
+        from normswap.evaluation.progress import Progress
 
-        self.models, self.seen, self.done, self.total = models, 0, 0, 0
-        self.tty = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = progress_bar(0, "zero-shot", self.tty, unit="req")
-        self.t0 = time.perf_counter()
-        self.last = self.t0
-        self.every_s = every_s
+        self.models, self.seen = models, 0
+        self.bar = Progress(0, "zero-shot", enabled, unit="requests", every_s=every_s)
+        self.tty = not self.bar.disable
+
+    @property
+    def done(self) -> int:
+        return self.bar.n
+
+    @property
+    def total(self) -> int:
+        return self.bar.total
 
     def start_model(self) -> None:
         self.seen += 1
 
     def add_requests(self, n: int) -> None:
         """A model is about to run `n` requests; the first model's count stands in for the others'."""
-        if self.total == 0:  # rates and ETA count from the first request, not from task building
-            self.t0 = self.last = time.perf_counter()
+        if self.bar.total == 0:  # rates and ETA count from the first request, not from task building
+            self.bar.restart()
         if self.seen <= 1:
-            self.total += n * self.models
-        self.bar.total = self.total
-        self.bar.refresh()
+            self.bar.total = self.bar.total + n * self.models
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
         self.bar.update(n)
-        now = time.perf_counter()
-        if not self.tty and now - self.last >= self.every_s:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            left = max(self.total - self.done, 0) / max(rate, 1e-9)
-            logger.info("zero-shot: %d/%d requests (%.0f%%), %.1f req/s, eta %.0f s", self.done, self.total,
-                        100.0 * self.done / max(self.total, 1), rate, left)
 
     def close(self) -> None:
         self.bar.close()
