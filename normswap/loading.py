@@ -27,7 +27,9 @@ CONFIG_NAME = "config.json"
 MODEL_TYPE = "normswap"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
-_NOT_COPIED = {CONFIG_NAME, "README.md", ".gitattributes"}
+# A fine-tuned source's run files are its own, not the converted model's.
+_TRAINING_ARTEFACTS = {"checkpoints", "train_log.jsonl", "loss_curve.png", "finetune_config.json", "finetune_result.json"}
+_NOT_COPIED = {CONFIG_NAME, "README.md", ".gitattributes", *_TRAINING_ARTEFACTS}
 
 
 def is_converted(path: str | os.PathLike) -> bool:

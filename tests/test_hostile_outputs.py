@@ -539,10 +539,11 @@ def test_finetune_checkpoints_follow_the_umask(work, monkeypatch, capsys):
     out = work["root"] / "ft"
     old = os.umask(0o022)
     try:
-        code, _, err = run_cli(_finetune(work["student"], work["data"], out), monkeypatch, capsys)
+        code, _, err = run_cli(_finetune(work["student"], work["data"], out) + ["--retain-checkpoints"], monkeypatch, capsys)
     finally:
         os.umask(old)
     assert code == 0, err
+    assert any((out / "checkpoints").iterdir())
     for f in out.rglob("*"):
         want = 0o755 if f.is_dir() else 0o644
         assert (f.stat().st_mode & 0o777) == want, f

@@ -263,7 +263,7 @@ def test_damaged_checkpoints_skipped_on_resume_do_not_outlive_the_good_ones(base
     _dmg_state_not_json(ckpts / "step-0000007", tmp_path)
     shutil.copytree(ckpts / "step-0000007", ckpts / "step-0000009")  # say, from a longer run
     args = ["finetune", base["student"], "--data", base["data"], "--out", work, "--resume", "--steps", "8",
-            "--save-every", "1", "--keep-checkpoints", "1", *FAST]  # neither changes the data order or schedule
+            "--save-every", "1", "--keep-checkpoints", "1", "--retain-checkpoints", *FAST]  # neither changes the data order or schedule
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
     assert "step-0000009 is damaged" in err and "step-0000007 is damaged" in err

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
 def finetune_cmd(
     student: str = typer.Argument(..., help="Converted model folder (from `normswap convert`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: final model, checkpoints, train_log.jsonl, loss_curve.png."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: final model, train_log.jsonl, loss_curve.png (and checkpoints/ while training)."),
     data: Optional[str] = typer.Option(None, "--data", help="Text file, folder of text files, or a `datasets` name (online only)."),
     audio: Optional[str] = typer.Option(None, "--audio", help="Speech encoder-decoders (Whisper), instead of --data: a folder of audio files "
                                         "with transcripts.tsv (as `eval --asr` reads it), teacher-forced on the transcripts."),
@@ -51,7 +51,9 @@ def finetune_cmd(
     val_examples: int = typer.Option(16, "--val-examples", help="Held-out examples for validation loss."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation every N steps [default: 10 per run]."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps [default: 5 per run]."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="How many recent checkpoints to keep."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="How many recent checkpoints to keep while training."),
+    retain_checkpoints: bool = typer.Option(False, "--retain-checkpoints", help="Keep checkpoints/ once the run completes "
+                                            "[default: deleted when the final model is saved; interrupted runs keep theirs]."),
     log_every: int = typer.Option(10, "--log-every", help="Write train_log.jsonl (and a log line without a TTY) every N steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, order and masks."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16."),
@@ -75,7 +77,7 @@ def finetune_cmd(
         precision=precision, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
     result = finetune(student, teacher=teacher, data=data, audio=audio, audio_subsets=subset_names(audio_subsets, "--audio-subsets"),
-                      out=out, config=cfg, overwrite=overwrite, resume=resume)
+                      out=out, config=cfg, overwrite=overwrite, resume=resume, retain_checkpoints=retain_checkpoints)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, only the main process prints the result

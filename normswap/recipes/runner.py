@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -312,7 +313,7 @@ def _evaluate(job: Job, role: str, model: str, out: Path, run_dir: Path, *, forc
     if role == "original" and not force and (cache / "results.json").is_file():
         logger.info("job %s: original %s already evaluated in this run; reusing %s", job.name, model, cache)
         with atomic_output(out, overwrite=True) as tmp:
-            shutil.copytree(cache, tmp, dirs_exist_ok=True)
+            link_tree(cache, tmp)
         return json.loads((out / "results.json").read_text())["results"]
     logger.info("job %s: evaluate %s (%s)", job.name, role, model)
     res = run_eval(req)
@@ -320,8 +321,22 @@ def _evaluate(job: Job, role: str, model: str, out: Path, run_dir: Path, *, forc
         write_json(out / "results.json", {"results": res})
     if role == "original":
         with atomic_output(cache, overwrite=True) as tmp:
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            link_tree(out, tmp)
     return res
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy folder `src` into `dst` as hard links where the file system allows them, else as
+    copies: the shared evaluation of the original is the same bytes in every job that uses it, and
+    no one writes into a finished evaluation folder (a new evaluation is a new folder, swapped in
+    by `atomic_output`), so the links never see a change meant for only one of them."""
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
 def _paired_task_deltas(job: Job, job_dir: Path) -> dict[str, Any]:

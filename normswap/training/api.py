@@ -25,15 +25,17 @@ from normswap.training.config import TrainConfig
 from normswap.training.data import TrainData, build_data, build_speech_data
 from normswap.evaluation.results import write_json
 from normswap.outputs import swap_into_place
-from normswap.training.checkpoint import latest_checkpoint
+from normswap.training.checkpoint import CHECKPOINTS, latest_checkpoint
 from normswap.training.loop import LoopResult, train_loop
 from normswap.training.objectives import Objective, model_kind, parse_objective
 from normswap.training.params import select_trainable
 from normswap.training.progressive import Schedule, default_every, unwrap_sites, wrap_sites
-from normswap.training.report import PLOT_NAME, TrainLog, plot_losses
+from normswap.training.report import LOG_NAME, PLOT_NAME, TrainLog, plot_losses
 
 CONFIG_FILE = "finetune_config.json"
 RESULT_FILE = "finetune_result.json"
+# What a run writes beside its model; never taken from the student folder (which has them if it was fine-tuned)
+TRAINING_FILES = frozenset({CHECKPOINTS, LOG_NAME, PLOT_NAME, CONFIG_FILE, RESULT_FILE})
 
 
 @dataclass(kw_only=True)
@@ -80,6 +82,7 @@ def finetune(
     on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
     audio: str | os.PathLike | None = None,
     audio_subsets: Sequence[str] | None = None,
+    retain_checkpoints: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune the converted model at `student` on `data` and save it to `out` in normswap's format.
@@ -96,6 +99,9 @@ def finetune(
     Returns a FinetuneResult; an interrupted run (Ctrl-C) returns status "interrupted" after
     saving a checkpoint. Raises NormswapError on bad input and TrainingDiverged on NaN/inf loss.
     One run per `out`: while it runs, another one refuses (see `normswap.locking.folder_lock`).
+    Once a run completes and its final model is saved, its training checkpoints (`checkpoints/`,
+    needed only to resume, each about three times the model) are deleted unless
+    `retain_checkpoints`; an interrupted or time-limited run keeps them, so it can be continued.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -224,8 +230,13 @@ def finetune(
                 save_final(trained, work, record, tokenizer, student=student, teacher=teacher, data=source, result=final,
                            processor=processor)
             accelerator.wait_for_everyone()
+        drop = result.status == "completed" and not retain_checkpoints
+        if drop:
+            final.checkpoint = None  # about to go: the result must not name it
         if accelerator.is_main_process:
             write_json(work / RESULT_FILE, {**final.to_dict(), **provenance()})
+            if drop:
+                _drop_checkpoints(work)
             if work != out and result.status != "interrupted":
                 swap_into_place(work, out)  # the old folder goes only now, by rename
         accelerator.wait_for_everyone()
@@ -237,6 +248,20 @@ def finetune(
     if final.checkpoint and work != out and result.status == "interrupted":
         logger.info("the interrupted run is kept in %s until it completes; %s is unchanged", work, out)
     return final
+
+
+def _drop_checkpoints(work: Path) -> None:
+    """Delete a completed run's training checkpoints; a failure to delete is a warning, not a
+    failed run (the final model is already saved)."""
+    from normswap.training.checkpoint import drop_checkpoints
+
+    try:
+        freed = drop_checkpoints(work)
+    except OSError as err:
+        logger.warning("could not delete the training checkpoints in %s (%s); the final model is saved", work, err.strerror or err)
+        return
+    if freed:
+        logger.info("deleted the training checkpoints (%.1f MB; only needed to resume an interrupted run)", freed / 2**20)
 
 
 def objective_label(weights: dict[str, float]) -> str:
@@ -411,8 +436,10 @@ def save_final(model: nn.Module, out: Path, record: Any, tokenizer: Any, *, stud
         (processor or tokenizer).save_pretrained(str(tmp))  # a speech processor holds the tokenizer
     files = sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME)
     for f in files:
+        if f.name in TRAINING_FILES:  # a fine-tuned student's own training record, copied with its files: this run has its own
+            continue
         dst = out / f.name
         if dst.is_dir() and not dst.is_symlink():
             shutil.rmtree(dst)
         os.replace(f, dst)
-    tmp.rmdir()
+    shutil.rmtree(tmp)

@@ -127,6 +127,33 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: Any, s
     return final
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files below `folder` (0 if it does not exist)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else 0
+
+
+def drop_checkpoints(out: Path) -> int:
+    """Delete `out`'s training checkpoints once its final model is saved; returns the bytes freed.
+
+    They exist to resume an interrupted run and hold the weights again plus the optimizer state
+    (about three times the model each). The folder is first renamed aside in one step, so a kill
+    during the deletion leaves no half checkpoint that `--resume` would try to read, only a hidden
+    `.checkpoints.tmp-<pid>-*` folder that the next call removes.
+    """
+    from normswap.outputs import clean_stale, staging_dir
+
+    root = out / CHECKPOINTS
+    clean_stale(root)  # trash of an earlier deletion that was killed
+    if not root.is_dir() or root.is_symlink():
+        return 0
+    freed = folder_bytes(root)
+    trash = staging_dir(root)
+    os.rmdir(trash)  # mkdtemp only reserves a unique name; the rename below takes it
+    os.replace(root, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return freed
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """The checked state.json of checkpoint `path`; DamagedCheckpoint names the file and the fault."""
     f = path / STATE_FILE
