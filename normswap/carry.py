@@ -71,24 +71,6 @@ class _ModelRef:
         model = self()
         return _ModelRef(memo.get(id(model), model) if model is not None else None)
 
-    # `type(config).from_pretrained(folder)` (PEFT reads an adapter's base config so) reads a
-    # converted folder's config.json as the base config it holds: a plain one, carrying nothing.
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-        base = _base_config_class(cls)
-        config_dict, kwargs = base.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        return cls.from_dict(config_dict, **kwargs)
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
-        base = _base_config_class(cls)
-        fields = dict(config_dict)
-        record = fields.pop("normswap", None)
-        if isinstance(record, dict):
-            fields["model_type"] = record.get("base_model_type", base.model_type)
-            fields["architectures"] = [record.get("architecture")]
-        return base.from_dict(fields, **kwargs)
-
     def __reduce__(self) -> Any:
         return (_ModelRef, (None,))
 
@@ -331,9 +313,9 @@ def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, is_main
     folder = Path(save_directory)
     if folder.is_file():
         raise NotADirectoryError(f"{folder} is a file, not a folder")
-    for key in ("save_function", "safe_serialization", "max_shard_size", "variant"):
-        if kwargs.get(key) not in (None, True) and key != "max_shard_size":
-            logger.debug("save_pretrained(%s=...) does not apply to a normswap checkpoint (one safetensors file)", key)
+    ignored = [k for k in ("save_function", "safe_serialization", "variant") if kwargs.get(k) not in (None, True)]
+    if ignored:
+        logger.debug("save_pretrained(%s=...) does not apply to a normswap checkpoint (one safetensors file)", ", ".join(ignored))
     write_weights_and_config(self, folder, record, state_dict)
     generation = getattr(self, "generation_config", None)
     if generation is not None and getattr(self, "can_generate", lambda: False)():
