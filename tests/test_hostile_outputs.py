@@ -359,12 +359,22 @@ def _signal_when(proc: subprocess.Popen, sig: int, *, after: float = 0.0, line: 
     return out, "".join(err_lines) + rest
 
 
+def _long_text(work) -> Path:
+    """Calibration text long enough that fitting takes seconds after the "converting" line (the
+    tiny corpus calibrates in 0.1 s, so a signal under load could arrive after the run ended)."""
+    path = work["root"] / "long.txt"
+    if not path.exists():
+        path.write_text(tiny_corpus(20000))
+    return path
+
+
 @pytest.mark.hostile("interrupts")
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_convert_interrupted_during_calibration(sig, code, work):
     out = work["root"] / "out"
     before = _digests(work["teacher"])
-    proc = _spawn(["convert", str(work["teacher"]), "--to", "dyt", "--calib-tokens", "200000", "--out", str(out)], work["root"])
+    proc = _spawn(["convert", str(work["teacher"]), "--to", "dyt", "--calib-tokens", "200000", "--calib-text", str(_long_text(work)),
+                   "--out", str(out)], work["root"])
     _, err = _signal_when(proc, sig, line="converting")
     refused(proc.returncode, err, "interrupted", exit_code=code)
     assert not out.exists() and debris(work["root"]) == [] and _digests(work["teacher"]) == before
@@ -406,7 +416,7 @@ def test_finetune_sigterm_saves_a_checkpoint_and_resumes(work, monkeypatch, caps
 @pytest.mark.hostile("interrupts")
 def test_recipe_convert_stage_interrupted(work):
     recipe = work["root"] / "r.yaml"
-    recipe.write_text(f"name: r\nmodel: {work['teacher']}\nconvert: {{to: dyt, calib_tokens: 200000}}\n")
+    recipe.write_text(f"name: r\nmodel: {work['teacher']}\nconvert: {{to: dyt, calib_tokens: 200000, calib_text: {_long_text(work)}}}\n")
     proc = _spawn(["recipe", "run", str(recipe), "--output-dir", str(work["root"] / "runs")], work["root"])
     _, err = _signal_when(proc, signal.SIGINT, line="convert")
     refused(proc.returncode, err, "interrupted", exit_code=130)
