@@ -25,7 +25,7 @@ from normswap.archs.plan import ModelPlan, Site, build_plan
 from normswap.calibration import dyt_error, fit_dyt
 from normswap.errors import NormswapError
 from normswap.log import logger
-from normswap.modules import DyT, RMSNorm, center_input
+from normswap.modules import DyT, FixedNorm, RMSNorm, center_input
 from normswap.record import ConversionRecord, SiteRecord
 from normswap.audio import subset_names
 from normswap.samples import AUDIO_OPTIONS, is_speech, model_inputs
@@ -33,9 +33,9 @@ from normswap.surgery.centre import centre_output, writer_target
 from normswap.surgery.fold import fold_into_reader
 from normswap.surgery.paths import get_module, set_module
 
-Target = Literal["rmsnorm", "dyt"]
+Target = Literal["rmsnorm", "dyt", "none"]
 TiedHead = Literal["auto", "center-embed", "untie"]
-TARGETS = ("rmsnorm", "dyt")
+TARGETS = ("rmsnorm", "dyt", "none")
 TIED_HEAD_CHOICES = ("auto", "center-embed", "untie")
 # Output dtypes (`--dtype`); "auto" (the default) is the source checkpoint's own floating dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -208,7 +208,7 @@ def convert_model(
         elif keeps_rmsnorm(plan, to):
             record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
         calib_batches = None
-        if to == "dyt" and alpha_init is None:
+        if to == "none" or to == "dyt" and alpha_init is None:
             if is_speech(model) and processor is not None and calib_audio is None:
                 raise NormswapError(f"DyT calibration of {type(model).__name__} needs speech to fit on: give --calib-audio DIR "
                                     "(audio files, with a transcripts.tsv for teacher-forced decoder inputs)")
@@ -582,6 +582,10 @@ def _fold_blocker(site: Site, plan: ModelPlan, model: nn.Module, tied_mode: str 
 
 
 def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean=False) -> None:
+    """Swap every site's norm for its replacement (calibrated on `calib_batches` where the target
+    is approximate), then fold the affines into the readers where that is exact. Folding is exact,
+    so the later sites of a sequential calibration see the same inputs either way; it comes last so
+    that every calibrated parameter is still on its norm until then."""
     targets_y = inputs_x = None
     if calib_batches is not None:
         # Targets: the original norms' outputs (centring is exact, so the centred model gives them).
@@ -591,73 +595,142 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
     from normswap.evaluation.progress import progress_bar
 
     # Calibrating Whisper's 34 sites on 8k tokens takes minutes: say how far it is.
-    bar = progress_bar(len(sites), "calibrating DyT", unit="sites") if calib_batches is not None else None
+    bar = progress_bar(len(sites), f"calibrating {TARGET_NAMES[to]}", unit="sites") if calib_batches is not None else None
+    built = []
     for site in sites:
         old = get_module(model, site.path)
         g, b = _affine(old, site)
-        recenter = site.recenter
-        center = to == "rmsnorm" and keeps_mean(plan, site, drop_mean)
-        if to == "rmsnorm":
-            new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=g is not None, bias=b is not None,
-                                     recenter=recenter, center=center)
-            if g is not None:
-                new.weight.data.copy_(g)
-            if b is not None:
-                new.bias.data.copy_(b)
+        center = keeps_mean(plan, site, drop_mean) if to == "rmsnorm" else to == "none" and _uncentred(site)
+        if calib_batches is None:
+            x = y = None
         else:
-            new = DyT(site.dim, recenter=recenter)
-            exact = False
-            if alpha_init is not None:
-                # The DyT paper's constant alpha, keeping the pretrained affine (g=1, b=0 would
-                # throw the checkpoint's scale and shift away).
-                new.alpha.data.fill_(alpha_init)
-                new.weight.data.copy_(g if g is not None else torch.ones(site.dim))
-                new.bias.data.copy_(b if b is not None else torch.zeros(site.dim))
-                method = "alpha-init"
-            else:
-                x = inputs_x[site.path] if inputs_x is not None else _capture(model, [site.path], calib_batches, "input")[site.path]
-                y = targets_y[site.path]
-                fitted = fit_dyt(x, y)
-                new.alpha.data.fill_(fitted.alpha)
-                new.weight.data.copy_(fitted.weight)
-                new.bias.data.copy_(fitted.bias)
-                g0 = g if g is not None else torch.ones(site.dim)
-                b0 = b if b is not None else torch.zeros(site.dim)
-                result.calibration[site.path] = {"rel_error": fitted.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
-                method = "calibrated-sequential" if sequential else "calibrated"
+            x = inputs_x[site.path] if inputs_x is not None else _capture(model, [site.path], calib_batches, "input")[site.path]
+            y = targets_y[site.path]
+        new, method = _replacement(site, to, g, b, center, x, y, alpha_init, sequential, result)
         ref = next(old.parameters(), None)
-        # the affine as built (float32, holding the source's values exactly): folding rounds its
-        # float64 product once, to the reader's dtype, as the streaming path does
-        affine = [None if p is None else p.detach().to(device=ref.device if ref is not None else p.device)
-                  for p in (new.weight, new.bias)]
+        # the affine as built (float32, holding the source's values exactly, Gemma's 1 + w too):
+        # folding rounds its float64 product once, to the reader's dtype, as the streaming path does
+        affine = _foldable_affine(new, to, ref)
         if ref is not None:
             new = new.to(dtype=ref.dtype, device=ref.device)
-        folded = False
-        if fold:
-            blocker = _fold_blocker(site, plan, model, record.tied_head)
-            if blocker is None:
-                for reader in site.readers:
-                    if fold_into_reader(get_module(model, reader), *affine):
-                        record.new_biases.append(reader)
-                new.weight = None
-                new.bias = None
-                folded = True
-            else:
-                record.unfolded[site.path] = blocker
-        if to == "rmsnorm":
-            exact, method = rmsnorm_verdict(site, folded, center)
         set_module(model, site.path, new)
-        alpha = float(new.alpha) if isinstance(new, DyT) else None
-        record.sites.append(SiteRecord(
-            path=site.path, placement=site.placement, type=to, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
-            weight=new.weight is not None, bias=new.bias is not None, recenter=recenter, center=center, folded=folded, exact=exact,
-            method=method, alpha=alpha,
-        ))
-        logger.debug("%s -> %s (%s%s)", site.path, to, method, ", folded" if folded else "")
+        built.append((site, new, method, center, affine))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    for site, new, method, center, affine in built:
+        _fold_site(model, plan, site, new, method, center, affine, to, fold, record)
+
+
+# The targets' names in progress lines and messages.
+TARGET_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT", "none": "fixed scales"}
+
+
+def _uncentred(site: Site) -> bool:
+    """A LayerNorm whose input keeps its mean (Post-LN, or a stream that cannot be centred): its
+    fixed-scale replacement subtracts the mean itself, a linear map that stays exact."""
+    return site.kind == "layernorm" and not site.centred
+
+
+def _replacement(site: Site, to: str, g, b, center: bool, x, y, alpha_init, sequential, result) -> tuple[nn.Module, str]:
+    """The new module for one site, with its values (unfolded), and how they were obtained."""
+    dim = site.dim
+    if to == "rmsnorm":
+        new: nn.Module = RMSNorm(dim, site.eps if site.eps is not None else 1e-5, weight=g is not None, bias=b is not None,
+                                 recenter=site.recenter, center=center)
+        if g is not None:
+            new.weight.data.copy_(g)
+        if b is not None:
+            new.bias.data.copy_(b)
+        return new, ""
+    g0 = g if g is not None else torch.ones(dim)
+    b0 = b if b is not None else torch.zeros(dim)
+    if to == "none":
+        # The norm's own scale, frozen: y = g * x / s + b with s the average RMS it divided by.
+        scale = average_rms(x, site.eps if site.eps is not None else 1e-5, center=site.kind == "layernorm")
+        new = FixedNorm(dim, scale, recenter=site.recenter, center=center)
+        new.weight.data.copy_(g0)
+        new.bias.data.copy_(b0)
+        result.calibration[site.path] = {"scale": scale, "rel_error": fixed_scale_error(scale, center, g0, b0, x, y)}
+        return new, "average-rms"
+    new = DyT(dim, recenter=site.recenter)
+    if alpha_init is not None:
+        # The DyT paper's constant alpha, keeping the pretrained affine (g=1, b=0 would
+        # throw the checkpoint's scale and shift away).
+        new.alpha.data.fill_(alpha_init)
+        new.weight.data.copy_(g0)
+        new.bias.data.copy_(b0)
+        return new, "alpha-init"
+    fitted = fit_dyt(x, y)
+    new.alpha.data.fill_(fitted.alpha)
+    new.weight.data.copy_(fitted.weight)
+    new.bias.data.copy_(fitted.bias)
+    result.calibration[site.path] = {"rel_error": fitted.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
+    return new, "calibrated-sequential" if sequential else "calibrated"
+
+
+def average_rms(x: torch.Tensor, eps: float, *, center: bool) -> float:
+    """The scale a norm divides by, averaged over the tokens of `x` [N, d]: mean_t sqrt(var_t + eps),
+    var_t taken about the token's mean (`center`, LayerNorm) or about zero (RMSNorm). On a centred
+    Pre-LN stream the two agree."""
+    x = x.double()
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    return float(torch.sqrt(x.pow(2).mean(-1) + eps).mean())
+
+
+def fixed_scale_error(scale: float, center: bool, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative RMS error of the fixed-scale map g * x / s + b against the norm's outputs `y`."""
+    x = x.double()
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    pred = x / scale * weight.double() + bias.double()
+    return math.sqrt(float(((pred - y.double()) ** 2).mean()) / max(float(y.double().pow(2).mean()), 1e-30))
+
+
+def _foldable_affine(new: nn.Module, to: str, ref: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """(weight, bias) that folding moves into the readers, on the readers' device. A fixed scale is
+    part of the weight (g / s, in float64 so that it rounds once when folded)."""
+    if to == "none":
+        affine = [new.weight.detach().double() / new.scale.detach().double(), new.bias.detach()]
+    else:
+        affine = [None if p is None else p.detach() for p in (new.weight, new.bias)]
+    return [None if p is None else p.to(device=ref.device if ref is not None else p.device) for p in affine]
+
+
+def _fold_site(model, plan, site: Site, new: nn.Module, method: str, center: bool, affine, to: str, fold: bool, record) -> None:
+    """Move the site's affine into its readers where that is exact and record the site as built.
+    A folded `none` site leaves nothing (nn.Identity)."""
+    folded = False
+    exact = False
+    if fold:
+        blocker = _fold_blocker(site, plan, model, record.tied_head)
+        if blocker is None and to == "none" and (new.center or new.recenter):
+            blocker = "its mean subtraction sits between the norm and its readers"  # never reached: such sites are the stream
+        if blocker is None:
+            for reader in site.readers:
+                if fold_into_reader(get_module(model, reader), *affine):
+                    record.new_biases.append(reader)
+            if to == "none":
+                new = nn.Identity()
+                set_module(model, site.path, new)
+            else:
+                new.weight = None
+                new.bias = None
+            folded = True
+        else:
+            record.unfolded[site.path] = blocker
+    if to == "rmsnorm":
+        exact, method = rmsnorm_verdict(site, folded, center)
+    alpha = float(new.alpha) if isinstance(new, DyT) else None
+    kind = "identity" if isinstance(new, nn.Identity) else to
+    record.sites.append(SiteRecord(
+        path=site.path, placement=site.placement, type=kind, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
+        weight=getattr(new, "weight", None) is not None, bias=getattr(new, "bias", None) is not None, recenter=site.recenter,
+        center=center, folded=folded, exact=exact, method=method, alpha=alpha,
+    ))
+    logger.debug("%s -> %s (%s%s)", site.path, kind, method, ", folded" if folded else "")
 
 
 def _affine(module: nn.Module, site: Site) -> tuple[torch.Tensor | None, torch.Tensor | None]:

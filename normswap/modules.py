@@ -1,6 +1,6 @@
 """The replacement norm layers, written as plain tensor code.
 
-Both layers can drop their affine parameters (after folding them into the linears that read the
+All of them can drop their affine parameters (after folding them into the linears that read the
 norm) and can re-centre their output (needed where a norm's output starts the residual stream of a
 Pre-LN model, e.g. BLOOM's embedding norm, so that every later norm still sees a zero-mean input).
 """
@@ -86,6 +86,33 @@ class DyT(_AffineNorm):
         return f"{super().extra_repr()}, alpha={float(self.alpha):.4g}"
 
 
+class FixedNorm(_AffineNorm):
+    """No normalisation: y = w * x / s + b, with s a fixed per-site scale (`--to none`).
+
+    s is the site's average RMS on calibration data (the "FakeLN" of published LayerNorm removal):
+    the map is linear in x, so it and the affine fold into the readers, leaving nothing at all.
+    `center` subtracts the input's mean first (a linear projection, not a statistic that divides):
+    LayerNorm's mean at a site whose stream cannot be centred (Post-LN, where the norm's output is
+    the stream itself). `scale` is a parameter so that end-to-end calibration and fine-tuning can
+    move it; it has no gradient otherwise.
+    """
+
+    def __init__(self, dim: int, scale: float = 1.0, weight: bool = True, bias: bool = True, recenter: bool = False,
+                 center: bool = False):
+        super().__init__(dim, weight, bias, recenter)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.center = center
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        return self._affine(x / self.scale.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={float(self.scale):.4g}" + (", center=True" if self.center else "")
+
+
+
 class CenteredEmbedding(nn.Embedding):
     """An embedding whose lookups are mean-subtracted over the hidden dimension.
 
@@ -162,6 +189,9 @@ def new_norm(spec: dict) -> nn.Module:
                        center=spec.get("center", False))
     if spec["type"] == "dyt":
         return DyT(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
+    if spec["type"] == "none":
+        return FixedNorm(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False),
+                         center=spec.get("center", False))
     if spec["type"] == "identity":
         return nn.Identity()
     raise ValueError(f"unknown norm type {spec['type']!r}")

@@ -19,8 +19,8 @@ from normswap.modules import center_input, centre_lookups, new_norm
 from normswap.surgery.paths import get_module, set_module
 
 
-TYPES = ("rmsnorm", "dyt", "identity")  # what `normswap.modules.new_norm` builds
-TARGETS = ("rmsnorm", "dyt")
+TYPES = ("rmsnorm", "dyt", "none", "identity")  # what `normswap.modules.new_norm` builds
+TARGETS = ("rmsnorm", "dyt", "none")
 STYLES = ("pre", "post", "unknown")
 PLACEMENTS = ("pre", "post", "final", "embed", "head", "unknown")
 TIED_HEADS = (None, "center-embed", "untie")
@@ -36,7 +36,7 @@ class SiteRecord:
 
     path: str
     placement: str
-    type: str  # "rmsnorm" | "dyt" | "identity"
+    type: str  # "rmsnorm" | "dyt" | "none" (a fixed scale) | "identity" (a folded fixed scale: nothing left)
     dim: int
     eps: float | None
     weight: bool

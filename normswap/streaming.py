@@ -217,6 +217,8 @@ def streamable(to: str, alpha_init: float | None, approximate_ok: bool = False) 
     The command line streams exact conversions only: the streaming path never has a model to run,
     so it could not measure an approximate result's deviation, and normswap saves nothing it has
     not measured. `approximate_ok` is for library callers that measure the output themselves."""
+    if to == "none":
+        return "--to none is approximate and its fixed scales are measured on data: the streaming path cannot run the model"
     if to == "dyt" and not approximate_ok:
         return "DyT is approximate, and the streaming path cannot run the model to measure its deviation (convert without --low-memory)"
     if to == "dyt" and alpha_init is None:

@@ -18,7 +18,7 @@ import normswap
 from normswap.errors import NormswapError
 from normswap.export.remote import AUTO_MAP, MODELING_FILE, TEMPLATE, export_for_hub, modeling_source
 from normswap.loading import save
-from normswap.modules import DyT, RMSNorm
+from normswap.modules import DyT, FixedNorm, RMSNorm
 from tiny_models import tiny_inputs, tiny_model
 
 
@@ -35,7 +35,9 @@ def test_template_norms_equal_normswap_modules(weight, bias, recenter):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16) * 3 + 0.5
     for ours, theirs in ((RMSNorm(16, 1e-5, weight=weight, bias=bias, recenter=recenter), t.RMSNorm(16, 1e-5, weight=weight, bias=bias, recenter=recenter)),
-                         (DyT(16, alpha=0.7, weight=weight, bias=bias, recenter=recenter), t.DyT(16, alpha=0.7, weight=weight, bias=bias, recenter=recenter))):
+                         (DyT(16, alpha=0.7, weight=weight, bias=bias, recenter=recenter), t.DyT(16, alpha=0.7, weight=weight, bias=bias, recenter=recenter)),
+                         (FixedNorm(16, 2.5, weight=weight, bias=bias, recenter=recenter, center=not recenter),
+                          t.FixedNorm(16, 2.5, weight=weight, bias=bias, recenter=recenter, center=not recenter))):
         with torch.no_grad():
             for p in ours.parameters():
                 p.copy_(torch.randn_like(p))
@@ -91,14 +93,16 @@ _CHILD = textwrap.dedent("""
             o = model(**x)
         y = o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
         torch.save({"y": y, "cls": type(model).__name__,
-                    "norms": sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("RMSNorm", "DyT", "LayerNorm")})},
+                    "norms": sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("RMSNorm", "DyT", "LayerNorm", "FixedNorm")})},
                    case["out"])
 """)
 
 # (tiny model, target, Auto class used by the child, what the reference output is)
 CASES = [("gpt2", "dyt", "AutoModelForCausalLM", "logits"), ("gpt2", "rmsnorm", "AutoModelForCausalLM", "logits"),
          ("bert", "dyt", "AutoModelForMaskedLM", "logits"), ("gpt_neox", "rmsnorm", "AutoModelForCausalLM", "logits"),
-         ("gpt2", "dyt", "AutoModel", "body"), ("gemma", "rmsnorm", "AutoModelForCausalLM", "logits")]
+         ("gpt2", "dyt", "AutoModel", "body"), ("gemma", "rmsnorm", "AutoModelForCausalLM", "logits"),
+         ("bert", "none", "AutoModelForMaskedLM", "logits"), ("llama", "none", "AutoModelForCausalLM", "logits")]
+NORM_CLASSES = {"dyt": {"DyT"}, "rmsnorm": {"RMSNorm"}, "none": set()}  # what each target leaves
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +139,9 @@ def test_remote_code_export_reloads_identically_without_normswap(reloaded, i):
     assert cfg["auto_map"] == AUTO_MAP and "normswap" in cfg
     assert got["cls"] == (type(exp["model"]).__name__ if what == "logits" else "GPT2Model")
     assert torch.equal(got["y"], exp["want"])
-    assert "LayerNorm" not in got["norms"] and ({"DyT"} if to == "dyt" else {"RMSNorm"}) <= set(got["norms"])
+    assert "LayerNorm" not in got["norms"] and NORM_CLASSES[to] <= set(got["norms"])
+    if to == "none":  # fixed scales at most, where they could not fold (BERT's stream, a tied head)
+        assert set(got["norms"]) <= {"FixedNorm"}
     if what == "logits":  # normswap itself still loads the export (the record is untouched)
         with torch.no_grad():
             assert torch.equal(normswap.load(exp["export"])(**exp["x"]).logits, exp["want"])

@@ -153,6 +153,7 @@ REFUSED = [
     ("bert", "rmsnorm", {"fold": True}, "not exact"),  # Post-LN: an approximation
     ("whisper", "rmsnorm", {"fold": True, "tied_head": "untie"}, "mean-subtract their input"),
     ("bloom", "rmsnorm", {"fold": True, "tied_head": "untie"}, "re-centre their output"),
+    ("gpt2", "none", {"tied_head": "untie"}, "removed"),  # --to none: no norm is left where the stock class has one
 ]
 
 

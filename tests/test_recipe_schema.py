@@ -68,7 +68,7 @@ def test_misspelt_key_names_key_file_and_line(tmp_path):
 @pytest.mark.parametrize("text,line,needle", [
     (BASE.replace("convert:", "convrt:"), 3, "unknown key 'convrt' in the top level"),
     (BASE.replace("    data: wikitext:wikitext-2", "    dat: wikitext:wikitext-2"), 10, "unknown key 'dat' in eval.ppl"),
-    (BASE.replace("  to: dyt", "  to: layernorm"), 4, "convert.to: Input should be 'rmsnorm' or 'dyt'"),
+    (BASE.replace("  to: dyt", "  to: layernorm"), 4, "convert.to: Input should be 'rmsnorm', 'dyt' or 'none'"),
     (BASE.replace("  steps: 10", "  steps: 10\n  tokens: 5M"), 5, "give steps or tokens, not both"),
     ("stages: [convert, evaluate]\n" + BASE, 1, "unknown stage 'evaluate' (did you mean 'eval'?)"),
     ("stages: [eval, convert]\n" + BASE, 1, "stages must run in the order"),

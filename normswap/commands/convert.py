@@ -1,4 +1,4 @@
-"""`normswap convert MODEL --to rmsnorm|dyt --out DIR`."""
+"""`normswap convert MODEL --to rmsnorm|dyt|none --out DIR`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 def convert_cmd(
     model: str = typer.Argument(..., help="Hub id or local model folder."),
-    to: str = typer.Option(..., "--to", help="Target norm: rmsnorm or dyt."),
+    to: str = typer.Option(..., "--to", help="Target: rmsnorm, dyt, or none (each norm a fixed scale, its average RMS on the calibration data, folded into the readers: no normalisation left)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --overwrite)."),
     fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold norm affines into the reading linears where exact."),
     tied_head: str = typer.Option("auto", "--tied-head", help="Tied LM head in Pre-LN models: auto (= center-embed: centre embedding lookups, no extra parameters) or untie (copy the head, then fold into it). RMSNorm models (Llama...): auto keeps the tie and the final norm's gain, untie folds it."),

@@ -188,7 +188,7 @@ def _body(record: ConversionRecord, cfg: dict[str, Any], repo_id: str | None, so
 
     auto = _AUTO.get(pipeline_of(record.architecture) or "", "AutoModel")
     where = repo_id or "path/to/this/folder"
-    name = {"rmsnorm": "RMSNorm", "dyt": "DyT (Dynamic Tanh)"}.get(record.target, record.target)
+    name = {"rmsnorm": "RMSNorm", "dyt": "DyT (Dynamic Tanh)", "none": "no normalisation (fixed scales)"}.get(record.target, record.target)
     n_sites = len(record.sites)
     folded = sum(s.folded for s in record.sites)
     # a model that already used RMSNorm (Llama, Gemma...): its norms kept their function, their gains folded or kept
@@ -198,7 +198,9 @@ def _body(record: ConversionRecord, cfg: dict[str, Any], repo_id: str | None, so
            "into the linears that read it (W <- W diag(g))" if record.exact and was_rmsnorm else
            "**exact**: every residual-stream writer was centred, so each LayerNorm read a zero-mean input and equals "
            "RMSNorm with the same eps" if record.exact else
-           "an **approximation**" + (" (DyT: alpha, weight and bias calibrated per site by least squares on text)" if record.target == "dyt" else ""))
+           "an **approximation**" + {"dyt": " (DyT: alpha, weight and bias calibrated per site by least squares on text)",
+                                     "none": " (each norm divides by a fixed scale, its average RMS on calibration text, folded with "
+                                             "the affine into the linears that read it where they can absorb it)"}.get(record.target, ""))
     shown = f"`{base}`" if base else public_name(source)
     lines = [
         f"# {repo_id.split('/')[-1] if repo_id else 'normswap conversion'}", "",

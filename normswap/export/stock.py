@@ -97,7 +97,7 @@ def record_blockers(record: ConversionRecord) -> list[str]:
     arch = record.architecture
     reasons = []
     dyt = [s.path for s in record.sites if s.type == "dyt"]
-    gone = [s.path for s in record.sites if s.type == "identity"]
+    gone = [s.path for s in record.sites if s.type in ("identity", "none")]
     approx = [s.path for s in record.sites if s.type == "rmsnorm" and not s.exact]
     if dyt:
         reasons.append(f"{_n(dyt, 'DyT site')} (e.g. {dyt[0]}): no stock {arch} has a DyT layer")

@@ -97,6 +97,21 @@ class DyT(_AffineNorm):
         return y - y.mean(-1, keepdim=True) if self.recenter else y
 
 
+class FixedNorm(_AffineNorm):
+    """No normalisation: y = w * x / s + b, s a fixed per-site scale (mean-subtracted first if `center`)."""
+
+    def __init__(self, dim: int, scale: float = 1.0, weight: bool = True, bias: bool = True, recenter: bool = False,
+                 center: bool = False):
+        super().__init__(dim, weight, bias, recenter)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.center = center
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        return self._affine(x / self.scale.to(x.dtype))
+
+
 class CenteredEmbedding(nn.Embedding):
     """Embedding lookups with their mean over the hidden dimension removed (a tied embedding)."""
 
@@ -126,6 +141,9 @@ def new_norm(spec: dict) -> nn.Module:
                        center=spec.get("center", False))
     if spec["type"] == "dyt":
         return DyT(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
+    if spec["type"] == "none":
+        return FixedNorm(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False),
+                         center=spec.get("center", False))
     if spec["type"] == "identity":
         return nn.Identity()
     raise ValueError(f"unknown norm type {spec['type']!r}")

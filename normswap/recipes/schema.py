@@ -59,7 +59,7 @@ class _Strict(BaseModel):
 class ConvertStage(_Strict):
     """`normswap convert` settings (see `normswap.conversion.convert_model`)."""
 
-    to: Literal["rmsnorm", "dyt"]
+    to: Literal["rmsnorm", "dyt", "none"]
     fold: bool = True
     tied_head: Literal["auto", "center-embed", "untie"] = "auto"
     calib_text: Optional[str] = None
