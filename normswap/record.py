@@ -48,6 +48,9 @@ class SiteRecord:
     method: str = ""  # how it was obtained: "exact", "approximate", "calibrated", "alpha-init", ...
     note: str = ""
     alpha: float | None = None
+    # `--to none`: the fixed scale s the site divides by (folded into the readers with the affine
+    # where `folded`): progressive fine-tuning rebuilds the original norm's output from it
+    scale: float | None = None
 
 
 @dataclass
@@ -160,6 +163,7 @@ class _RecordValidator:
             center=self.bool_(d.get("center", False), f"{label}.center"), folded=self.bool_(d.get("folded", False), f"{label}.folded"),
             exact=self.bool_(d.get("exact", False), f"{label}.exact"), method=self.str_(d.get("method", ""), f"{label}.method", limit=1000),
             note=self.str_(d.get("note", ""), f"{label}.note"), alpha=self.number(d.get("alpha"), f"{label}.alpha"),
+            scale=self.number(d.get("scale"), f"{label}.scale", positive=True),
         )
 
     def record(self, d: Any) -> ConversionRecord:

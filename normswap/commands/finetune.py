@@ -21,6 +21,21 @@ def register(app: typer.Typer) -> None:
     app.command("finetune", help="Recover quality after conversion: LM loss or distillation from the original model.")(finetune_cmd)
 
 
+def token_loss_table(stats: dict) -> str:
+    """Per-token loss on the held-out examples, teacher and student side by side, then the student's
+    worst tokens after training."""
+    from normswap.evaluation.token_losses import compare_rows
+
+    labels = {"teacher": "teacher", "before": "student before", "after": "student after"}
+    cols = {labels[k]: stats[k] for k in labels if stats.get(k)}
+    text = table(compare_rows(cols), ["token loss (nats)", *cols])
+    last = stats.get("after") or stats.get("before")
+    if last and last.get("worst"):
+        text += "\n" + table([[f"{w['loss']:.3f}", repr(w["token"]), repr(w["context"][-40:])] for w in last["worst"]],
+                             [f"worst tokens ({'after' if stats.get('after') else 'before'})", "token", "context"])
+    return text
+
+
 def finetune_cmd(
     student: str = typer.Argument(..., help="Converted model folder (from `normswap convert`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: final model, train_log.jsonl, loss_curve.png (and checkpoints/ while training)."),
@@ -48,6 +63,8 @@ def finetune_cmd(
     progressive: bool = typer.Option(False, "--progressive", help="Swap the new norms in one at a time during training."),
     swap_every: Optional[int] = typer.Option(None, "--swap-every", help="Steps between swaps in --progressive [default: spread over the first half]."),
     fade_steps: int = typer.Option(0, "--fade-steps", help="Fade each swap in over this many steps (0: swap at once)."),
+    swap_order: str = typer.Option("published", "--swap-order", help="--progressive: published (MLP norms first, then attention "
+                                   "norms, then the final norm, as in published LayerNorm removal) or forward (model order)."),
     val_examples: int = typer.Option(16, "--val-examples", help="Held-out examples for validation loss."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation every N steps [default: 10 per run]."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps [default: 5 per run]."),
@@ -72,7 +89,7 @@ def finetune_cmd(
         objective=objective, temperature=temperature, hidden_weight=hidden_weight, pooled_weight=pooled_weight,
         steps=steps, tokens=parse_count(tokens), batch_size=batch_size, grad_accum=grad_accum, block_size=block_size,
         packing=packing, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip,
-        train=train, progressive=progressive, swap_every=swap_every, fade_steps=fade_steps, val_examples=val_examples,
+        train=train, progressive=progressive, swap_every=swap_every, fade_steps=fade_steps, swap_order=swap_order, val_examples=val_examples,
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed,
         precision=precision, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
@@ -96,6 +113,9 @@ def finetune_cmd(
         if result.checkpoint:
             rows.append(["checkpoint", result.checkpoint])
         typer.echo(table(rows, ["finetune", "value"]))
+        if result.token_losses:
+            typer.echo("")
+            typer.echo(token_loss_table(result.token_losses))
     if result.status == "interrupted":
         typer.echo(f"interrupted at step {result.step} of {result.total_steps}; continue with --resume", err=True)
         raise typer.Exit(143 if result.signal == "SIGTERM" else 130)

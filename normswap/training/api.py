@@ -29,7 +29,7 @@ from normswap.training.checkpoint import CHECKPOINTS, latest_checkpoint
 from normswap.training.loop import LoopResult, train_loop
 from normswap.training.objectives import Objective, model_kind, parse_objective
 from normswap.training.params import select_trainable
-from normswap.training.progressive import Schedule, default_every, unwrap_sites, wrap_sites
+from normswap.training.progressive import Schedule, default_every, describe, set_mix, unwrap_sites, wrap_sites
 from normswap.training.report import LOG_NAME, PLOT_NAME, TrainLog, plot_losses
 
 CONFIG_FILE = "finetune_config.json"
@@ -45,6 +45,11 @@ class FinetuneResult(LoopResult):
     out: str
     objective: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # causal LMs: the per-token loss distribution on the held-out examples (evaluation.token_losses),
+    # {"examples", "teacher", "before", "after"}: the teacher, the student before and after training
+    token_losses: dict[str, Any] = field(default_factory=dict)
+    # --progressive: {"order", "every", "fade", "sites": [{"path", "group", "start", "why"}, ...]}
+    progressive: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,13 +198,18 @@ def finetune(
     trainable = select_trainable(model, cfg.train, objective.model_inputs(example))
     logger.info("training %d parameter tensors (%s, %d parameters)", len(trainable), cfg.train,
                 sum(p.numel() for p in model.parameters() if p.requires_grad))
-    progressive = None
+    progressive, plan = None, {}
     if cfg.progressive:
-        paths = wrap_sites(model, record, teacher_model, fallback_eps=_config_eps(model.config))
+        paths = wrap_sites(model, record, teacher_model, fallback_eps=_config_eps(model.config), order=cfg.swap_order)
         schedule = Schedule(every=cfg.swap_every or default_every(total_steps, len(paths)), fade=cfg.fade_steps)
         progressive = (paths, schedule)
-        logger.info("progressive: %d sites, one every %d steps%s", len(paths), schedule.every,
-                    f", fading over {schedule.fade} steps" if schedule.fade else "")
+        plan = {"order": cfg.swap_order, "every": schedule.every, "fade": schedule.fade,
+                "sites": describe(record, cfg.swap_order, schedule)}
+        _log_plan(plan, total_steps)
+    val_stats = kind == "causal" and audio is None and len(data_.val) > 0 and accelerator.is_main_process
+    token_stats: dict[str, Any] = {}
+    if val_stats:
+        token_stats = _token_stats_before(model, teacher_model, data_, cfg, tokenizer, accelerator.device, progressive)
 
     created = not work.exists()
     if accelerator.is_main_process:
@@ -221,11 +231,15 @@ def finetune(
         finally:
             if accelerator.is_main_process:
                 plot_losses(TrainLog(work).read(), work / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(source).name}")
-        final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), **asdict(result))
+        final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), token_losses=token_stats, progressive=plan,
+                               **asdict(result))
         if result.status in ("completed", "time_limit"):
             trained = accelerator.unwrap_model(model)
             if progressive is not None:
                 unwrap_sites(trained, progressive[0])
+            if val_stats:
+                token_stats["after"] = _val_token_stats(trained, data_, cfg, tokenizer)
+                _log_token_stats(token_stats)
             if accelerator.is_main_process:
                 save_final(trained, work, record, tokenizer, student=student, teacher=teacher, data=source, result=final,
                            processor=processor)
@@ -248,6 +262,52 @@ def finetune(
     if final.checkpoint and work != out and result.status == "interrupted":
         logger.info("the interrupted run is kept in %s until it completes; %s is unchanged", work, out)
     return final
+
+
+def _log_plan(plan: dict[str, Any], total_steps: int) -> None:
+    sites = plan["sites"]
+    counts = {g: sum(s["group"] == g for s in sites) for g in ("mlp", "attn", "final")}
+    how = "MLP norms, then attention norms, then the final norm(s)" if plan["order"] == "published" else "model order"
+    logger.info("progressive: %d sites in %s order (%s: %d mlp, %d attn, %d final), one every %d steps%s: %s at step %d "
+                "... %s at step %d of %d", len(sites), plan["order"], how, counts["mlp"], counts["attn"], counts["final"],
+                plan["every"], f", fading over {plan['fade']} steps" if plan["fade"] else "", sites[0]["path"], sites[0]["start"],
+                sites[-1]["path"], sites[-1]["start"], total_steps)
+    if sites[-1]["start"] + plan["fade"] > total_steps:
+        logger.warning("progressive: the last swaps start after the run's %d steps (%s at step %d): those sites end the run "
+                       "unswapped in training, and are swapped only in the saved model; lower --swap-every or train longer",
+                       total_steps, sites[-1]["path"], sites[-1]["start"])
+
+
+def _val_token_stats(model: nn.Module, data: TrainData, cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
+    """The per-token loss distribution of a causal LM on the held-out examples (a dict)."""
+    from normswap.evaluation.token_losses import token_loss_stats
+
+    val = data.val
+    batches = (val.batch(list(range(i, min(len(val), i + cfg.batch_size)))) for i in range(0, len(val), cfg.batch_size))
+    return token_loss_stats(model, batches, tokenizer, worst=5).to_dict()
+
+
+def _token_stats_before(model: nn.Module, teacher: nn.Module | None, data: TrainData, cfg: TrainConfig, tokenizer: Any,
+                        device: Any, progressive: tuple[list[str], Schedule] | None) -> dict[str, Any]:
+    """Teacher and student (as converted: every site swapped) on the held-out examples, before training."""
+    stats: dict[str, Any] = {"examples": len(data.val), "data": "the held-out validation examples"}
+    if teacher is not None:
+        stats["teacher"] = _val_token_stats(teacher.to(device), data, cfg, tokenizer)
+    model.to(device)
+    if progressive is not None:
+        set_mix(model, progressive[0], 1.0)  # the converted student; the loop sets each step's mix
+    stats["before"] = _val_token_stats(model, data, cfg, tokenizer)
+    if progressive is not None:
+        set_mix(model, progressive[0], 0.0)
+    return stats
+
+
+def _log_token_stats(stats: dict[str, Any]) -> None:
+    for role in ("teacher", "before", "after"):
+        s = stats.get(role)
+        if s:
+            logger.info("token loss (%s, %d held-out tokens): mean %.4f median %.4f p99 %.4f p99.9 %.4f max %.4f",
+                        role, s["tokens"], s["mean"], s["median"], s["p99"], s["p999"], s["max"])
 
 
 def _drop_checkpoints(work: Path) -> None:
@@ -343,7 +403,10 @@ def _check_resume_config(out: Path, cfg: TrainConfig, *, student: str, teacher: 
         saved = json.loads((out / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         raise NormswapError(f"cannot resume {out}: {CONFIG_FILE} is missing or unreadable") from None
-    old = TrainConfig.from_dict(saved.get("config", {}))
+    saved_cfg = saved.get("config", {})
+    if saved_cfg.get("progressive") and "swap_order" not in saved_cfg:
+        saved_cfg = {**saved_cfg, "swap_order": "forward"}  # runs from before --swap-order swapped in forward order
+    old = TrainConfig.from_dict(saved_cfg)
     diffs = [k for k in TrainConfig.RESUME_KEYS if k not in ("steps", "block_size", "packing")
              and getattr(cfg, k) != getattr(old, k)]
     if cfg.tokens is None and old.tokens is None and cfg.steps != old.steps:

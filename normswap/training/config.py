@@ -8,6 +8,8 @@ from typing import Any
 
 from normswap.errors import NormswapError
 
+# progressive swap orders (normswap.training.progressive.swap_order; kept here, torch-free, for recipe validation)
+SWAP_ORDERS = ("published", "forward")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
@@ -44,6 +46,7 @@ class TrainConfig:
     progressive: bool = False
     swap_every: int | None = None
     fade_steps: int = 0
+    swap_order: str = "published"  # progressive: "published" (MLP norms, attention norms, final) or "forward"
     val_examples: int = 16
     eval_every: int | None = None  # None: about 10 evaluations per run
     save_every: int | None = None  # None: about 5 checkpoints per run
@@ -56,7 +59,7 @@ class TrainConfig:
 
     # fields that change which examples a step sees, or the schedule: checked on --resume
     RESUME_KEYS = ("objective", "steps", "batch_size", "grad_accum", "block_size", "packing", "seed",
-                   "lr", "min_lr_ratio", "warmup", "train", "progressive", "swap_every", "fade_steps")
+                   "lr", "min_lr_ratio", "warmup", "train", "progressive", "swap_every", "fade_steps", "swap_order")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +109,8 @@ class TrainConfig:
 
         if self.train not in TRAIN_MODES:
             raise NormswapError(f"unknown --train {self.train!r} (use {', '.join(TRAIN_MODES)})")
+        if self.swap_order not in SWAP_ORDERS:
+            raise NormswapError(f"unknown --swap-order {self.swap_order!r} (use {' or '.join(SWAP_ORDERS)})")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise NormswapError(f"unknown --precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
         if self.block_size is not None and self.block_size < 2:
