@@ -37,6 +37,10 @@ Target = Literal["rmsnorm", "dyt", "none"]
 TiedHead = Literal["auto", "center-embed", "untie"]
 TARGETS = ("rmsnorm", "dyt", "none")
 TIED_HEAD_CHOICES = ("auto", "center-embed", "untie")
+# How approximate targets are calibrated: "site" fits each norm to the original's output at that
+# site (least squares); "e2e" then fits every norm's parameters at once against the original
+# model's output (normswap.e2e: KL on logits, hidden states for encoders), nothing else moving.
+CALIBRATIONS = ("site", "e2e")
 # Output dtypes (`--dtype`); "auto" (the default) is the source checkpoint's own floating dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -56,6 +60,7 @@ class ConversionResult:
     warnings: list[str] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> fit errors
+    end_to_end: dict[str, Any] | None = None  # `calibrate="e2e"`: the fit's summary (normswap.e2e)
     tokenizer: Any = None
     source: str | None = None
 
@@ -84,13 +89,15 @@ class ConversionResult:
             "max_abs_diff": v.get("max_abs_diff"),
             "max_rel_diff": v.get("max_rel_diff"),
             "verification": self.verification,
+            "end_to_end": self.end_to_end,
             "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
 
 
 def check_options(to: str, *, tied_head: str = "auto", dtype: Any = "auto", alpha_init: float | None = None,
-                  calib_tokens: int | None = None) -> None:
+                  calib_tokens: int | None = None, calibrate: str = "site", e2e_steps: int | None = None,
+                  e2e_seconds: float | None = None) -> None:
     """The conversion settings that can be wrong before anything is loaded: one line each."""
     import math
 
@@ -104,6 +111,14 @@ def check_options(to: str, *, tied_head: str = "auto", dtype: Any = "auto", alph
         raise NormswapError(f"--alpha-init must be a positive number, got {alpha_init}")
     if calib_tokens is not None and calib_tokens < 1:
         raise NormswapError(f"--calib-tokens must be positive, got {calib_tokens}")
+    if calibrate not in CALIBRATIONS:
+        raise NormswapError(f"unknown --calibrate {calibrate!r}: choose one of {', '.join(CALIBRATIONS)}")
+    if calibrate == "e2e" and to == "rmsnorm":
+        raise NormswapError("--calibrate e2e fits approximate norms (--to dyt or none); --to rmsnorm has nothing to fit")
+    if e2e_steps is not None and e2e_steps < 1:
+        raise NormswapError(f"--e2e-steps must be positive, got {e2e_steps}")
+    if e2e_seconds is not None and not (math.isfinite(e2e_seconds) and e2e_seconds > 0):
+        raise NormswapError(f"--e2e-seconds must be a positive number, got {e2e_seconds}")
 
 
 def convert_model(
@@ -128,6 +143,9 @@ def convert_model(
     calib_audio_subsets: str | list[str] | None = None,
     processor: Any = None,
     plan: str = "auto",
+    calibrate: str = "site",
+    e2e_steps: int | None = None,
+    e2e_seconds: float | None = None,
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
@@ -141,6 +159,11 @@ def convert_model(
     The surgery works on the source's values exactly (see `resolve_dtypes`), does its maths in
     float64 and rounds each result once to the output dtype; DyT calibration and verification of
     a half-precision model on CPU run in float32 arithmetic.
+
+    `calibrate="e2e"` (DyT and none) follows the per-site start (or `alpha_init`) with a fit of
+    every norm parameter against the original's outputs on the calibration data
+    (`normswap.e2e.fit_end_to_end`): `e2e_steps` Adam steps at most (default `E2E_STEPS`), within
+    `e2e_seconds` if given. Nothing but the norms' parameters changes.
 
     `plan` is where the norm sites come from (`archs.plan.build_plan`): "auto" (the family table,
     cross-checked by discovery; discovery where there is no table), "table" or "discover".
@@ -165,7 +188,8 @@ def convert_model(
     from normswap.loading import check_source, load_config, load_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
-    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
+    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens, calibrate=calibrate,
+                  e2e_steps=e2e_steps, e2e_seconds=e2e_seconds)
     calib_audio_subsets = subset_names(calib_audio_subsets, "--calib-audio-subsets")
     if calib_text is not None and not calib_text.strip():
         raise NormswapError("calibration text is empty")
@@ -208,7 +232,7 @@ def convert_model(
         elif keeps_rmsnorm(plan, to):
             record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
         calib_batches = None
-        if to == "none" or to == "dyt" and alpha_init is None:
+        if to == "none" or to == "dyt" and (alpha_init is None or calibrate == "e2e"):
             if is_speech(model) and processor is not None and calib_audio is None:
                 raise NormswapError(f"DyT calibration of {type(model).__name__} needs speech to fit on: give --calib-audio DIR "
                                     "(audio files, with a transcripts.tsv for teacher-forced decoder inputs)")
@@ -221,13 +245,16 @@ def convert_model(
 
         # Calibration runs the model: half precision on CPU runs it upcast to float32 (exactly; the
         # sites' new parameters are then rounded once, to the output dtype, below).
-        with float32_compute(model, enabled=calib_batches is not None):
-            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean)
+        with float32_compute(model, *([original] if calibrate == "e2e" else []), enabled=calib_batches is not None):
+            e2e = None if calibrate == "site" else {"original": original, "steps": e2e_steps or E2E_STEPS, "seconds": e2e_seconds}
+            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean, e2e)
     cast_floats(model, out_dtype)
     model.config.dtype = out_dtype
     for s in record.sites:  # the values as saved
         if s.alpha is not None:
             s.alpha = float(get_module(model, s.path).alpha.detach())
+        if s.type == "none":  # an unfolded fixed scale, as rounded to the output dtype
+            s.scale = float(get_module(model, s.path).scale.detach())
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
     if record.tied_head and "untie" == record.tied_head:
         model.config.tie_word_embeddings = False
@@ -581,11 +608,13 @@ def _fold_blocker(site: Site, plan: ModelPlan, model: nn.Module, tied_mode: str 
     return None
 
 
-def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean=False) -> None:
+def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean=False,
+                   e2e: dict[str, Any] | None = None) -> None:
     """Swap every site's norm for its replacement (calibrated on `calib_batches` where the target
-    is approximate), then fold the affines into the readers where that is exact. Folding is exact,
-    so the later sites of a sequential calibration see the same inputs either way; it comes last so
-    that every calibrated parameter is still on its norm until then."""
+    is approximate), fit them end to end if asked (`e2e`), then fold the affines into the readers
+    where that is exact. Folding is exact, so the later sites of a sequential calibration see the
+    same inputs either way; it comes last so that every calibrated parameter is still on its norm
+    until then."""
     targets_y = inputs_x = None
     if calib_batches is not None:
         # Targets: the original norms' outputs (centring is exact, so the centred model gives them).
@@ -619,9 +648,23 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             bar.update(1)
     if bar is not None:
         bar.close()
+    if e2e is not None:
+        from normswap.e2e import fit_end_to_end
+
+        with torch.enable_grad():
+            result.end_to_end = fit_end_to_end(model, e2e["original"], calib_batches, steps=e2e["steps"], time_budget_s=e2e["seconds"])
+        logger.info("end-to-end calibration: %s %.4g -> %.4g in %d steps (%.0f s)%s", result.end_to_end["objective"],
+                    result.end_to_end["loss_before"], result.end_to_end["loss_after"], result.end_to_end["steps"],
+                    result.end_to_end["seconds"], ", reverted: it did not improve" if result.end_to_end["reverted"] else "")
+        if not result.end_to_end["reverted"]:  # the fitted values are what folds now
+            built = [(site, new, f"{method}+e2e", center, _foldable_affine(new, to, next(new.parameters(), None)))
+                     for site, new, method, center, _ in built]
     for site, new, method, center, affine in built:
         _fold_site(model, plan, site, new, method, center, affine, to, fold, record)
 
+
+# End-to-end calibration's default step budget (`calibrate="e2e"`): see docs/results/calibration-ablation.
+E2E_STEPS = 200
 
 # The targets' names in progress lines and messages.
 TARGET_NAMES = {"rmsnorm": "RMSNorm", "dyt": "DyT", "none": "fixed scales"}
@@ -702,6 +745,7 @@ def _foldable_affine(new: nn.Module, to: str, ref: torch.Tensor | None) -> list[
 def _fold_site(model, plan, site: Site, new: nn.Module, method: str, center: bool, affine, to: str, fold: bool, record) -> None:
     """Move the site's affine into its readers where that is exact and record the site as built.
     A folded `none` site leaves nothing (nn.Identity)."""
+    built_scale = float(new.scale.detach()) if to == "none" else None
     folded = False
     exact = False
     if fold:
@@ -724,11 +768,12 @@ def _fold_site(model, plan, site: Site, new: nn.Module, method: str, center: boo
     if to == "rmsnorm":
         exact, method = rmsnorm_verdict(site, folded, center)
     alpha = float(new.alpha) if isinstance(new, DyT) else None
+    scale = float(built_scale) if to == "none" else None
     kind = "identity" if isinstance(new, nn.Identity) else to
     record.sites.append(SiteRecord(
         path=site.path, placement=site.placement, type=kind, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
         weight=getattr(new, "weight", None) is not None, bias=getattr(new, "bias", None) is not None, recenter=site.recenter,
-        center=center, folded=folded, exact=exact, method=method, alpha=alpha,
+        center=center, folded=folded, exact=exact, method=method, alpha=alpha, scale=scale,
     ))
     logger.debug("%s -> %s (%s%s)", site.path, kind, method, ", folded" if folded else "")
 

@@ -28,6 +28,9 @@ def convert_cmd(
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT (speech: one utterance per 256, at most 32)."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
     alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
+    calibrate: str = typer.Option("site", "--calibrate", help="DyT and none: site (each norm fitted to the original's output at that site, by least squares) or e2e (then every norm parameter fitted at once against the original model's output: KL on logits, hidden states for encoders; minutes on a CPU, nothing else changes)."),
+    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="--calibrate e2e: Adam steps at most [default: 200]."),
+    e2e_seconds: Optional[float] = typer.Option(None, "--e2e-seconds", help="--calibrate e2e: stop after this many seconds (the schedule follows whichever runs out first)."),
     verify: bool = typer.Option(False, "--verify", help="Fail (exit 1) if an exact conversion's relative deviation exceeds the bound. Every in-memory conversion is measured, and one that claims exactness and misses it is never saved."),
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify [default: a built-in sample]."),
     verify_audio: Optional[Path] = typer.Option(None, "--verify-audio", help="Speech models: a folder of audio files for --verify [default: the calibration audio, else random features]."),
@@ -52,7 +55,8 @@ def convert_cmd(
 
     from normswap.archs.plan import check_plan_source
 
-    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
+    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens, calibrate=calibrate,
+                  e2e_steps=e2e_steps, e2e_seconds=e2e_seconds)
     check_plan_source(plan)
     inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text,
               "calibration audio": calib_audio, "verification audio": verify_audio}
@@ -78,6 +82,7 @@ def convert_cmd(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
             dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio, plan=plan,
+            calibrate=calibrate, e2e_steps=e2e_steps, e2e_seconds=e2e_seconds,
             calib_audio_subsets=subset_names(calib_audio_subsets, "--calib-audio-subsets"),
         )
         save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
@@ -127,6 +132,10 @@ def _print_human(d: dict) -> None:
     typer.echo("")
     typer.echo(f"target      {d['target']}  ({'exact' if d['exact'] else 'approximate: recover with normswap finetune'})")
     typer.echo(f"dtype       {d['dtype']}")
+    if d.get("end_to_end"):
+        e = d["end_to_end"]
+        typer.echo(f"end to end  {e['objective']} {e['loss_before']:.4g} -> {e['loss_after']:.4g} ({e['steps']} steps, "
+                   f"{e['seconds']:.0f} s{'; reverted: no gain' if e['reverted'] else ''})")
     if d["tied_head"]:
         typer.echo(f"tied head   {d['tied_head']}")
     if d["unfolded"]:
