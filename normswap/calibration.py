@@ -10,6 +10,16 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+
+def isru(u: torch.Tensor) -> torch.Tensor:
+    """The inverse square root unit u / sqrt(1 + u^2) (DyISRU's squashing function)."""
+    return u * torch.rsqrt(1 + u * u)
+
+
+# The squashing functions of the elementwise norms (normswap.modules.ElementwiseNorm.FUNCTIONS).
+SQUASH = {"tanh": torch.tanh, "isru": isru, "erf": torch.erf}
 
 
 @dataclass
@@ -28,14 +38,15 @@ class _Objective:
     residual variance is var(y_j) - cov_j^2 / var_j; three reductions per evaluation.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x = x
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, fn=torch.tanh):
+        self.x, self.fn = x, fn
         self.y_mean = y.mean(0)
         self.yc = y - self.y_mean
         self.y_var = self.yc.pow(2).mean(0)
 
-    def fit(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-        u = torch.tanh(alpha * self.x)
+    def fit_channels(self, alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight, bias, residual variance), each [d], for a scalar or per-channel [d] alpha."""
+        u = self.fn(alpha * self.x)
         u_mean = u.mean(0)
         var_u = u.pow(2).mean(0) - u_mean.pow(2)
         cov = (u * self.yc).mean(0)
@@ -43,7 +54,11 @@ class _Objective:
         g = torch.where(safe, cov / var_u.clamp_min(1e-30), torch.zeros_like(cov))
         b = self.y_mean - g * u_mean
         resid = torch.where(safe, self.y_var - cov.pow(2) / var_u.clamp_min(1e-30), self.y_var)
-        return g, b, float(resid.clamp_min(0).mean())
+        return g, b, resid.clamp_min(0)
+
+    def fit(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        g, b, resid = self.fit_channels(alpha)
+        return g, b, float(resid.mean())
 
     def __call__(self, alpha: float) -> float:
         return self.fit(alpha)[2]
@@ -91,3 +106,226 @@ def dyt_error(alpha: float, weight: torch.Tensor, bias: torch.Tensor, x: torch.T
     y = y.reshape(-1, y.shape[-1]).double()
     pred = torch.tanh(alpha * x) * weight.double() + bias.double()
     return math.sqrt(float(((pred - y) ** 2).mean()) / max(float(y.pow(2).mean()), 1e-30))
+
+
+# ----------------------------------------------------------------------------- elementwise variants
+
+
+@dataclass
+class ElementwiseFit:
+    """A least-squares fit of y = w * f(alpha x) + b (normswap.modules.ElementwiseNorm, shift 0)."""
+
+    fn: str
+    alpha: torch.Tensor  # 0-d, or [d] for a per-channel fit
+    weight: torch.Tensor  # [d]
+    bias: torch.Tensor  # [d]
+    mse: float
+    rel_error: float
+
+
+def _golden(lo: torch.Tensor, hi: torch.Tensor, f, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Golden-section search of each element's 1-D function on [lo, hi] (log alpha), all at once:
+    `f(t)` maps a tensor of points to a tensor of values of the same shape. Returns (best point,
+    its value) per element."""
+    phi = (math.sqrt(5) - 1) / 2
+    c, d = hi - phi * (hi - lo), lo + phi * (hi - lo)
+    fc, fd = f(c), f(d)
+    for _ in range(steps):
+        left = fc < fd  # the minimum lies in [lo, d]: shrink from the right
+        hi = torch.where(left, d, hi)
+        lo = torch.where(left, lo, c)
+        new_c, new_d = hi - phi * (hi - lo), lo + phi * (hi - lo)
+        # the kept interior point is reused; only the new one is evaluated (both, elementwise, then picked)
+        c_next = torch.where(left, new_c, d)
+        d_next = torch.where(left, c, new_d)
+        f_new = f(torch.where(left, c_next, d_next))
+        fc, fd = torch.where(left, f_new, fd), torch.where(left, fc, f_new)
+        c, d = c_next, d_next
+    best = torch.where(fc < fd, c, d)
+    return best, torch.minimum(fc, fd)
+
+
+def fit_elementwise(x: torch.Tensor, y: torch.Tensor, *, fn: str = "tanh", per_channel: bool = False, grid_size: int = 17,
+                    refine_steps: int = 18, search_rows: int = 2048, seed: int = 0) -> ElementwiseFit:
+    """Best y ~ w * f(alpha x) + b for `fn` in SQUASH, alpha a scalar or (`per_channel`) one per channel.
+
+    The same method as `fit_dyt`: per-channel weight and bias in closed form for a given alpha; alpha
+    by a log-spaced grid then golden-section search on log(alpha), on at most `search_rows` sampled
+    tokens in float32; the affine refitted in float64 on all tokens. Channels are independent given
+    their alpha, so the per-channel search runs every channel's 1-D search at once. Derf's shift is
+    left at 0 here (on a centred stream it has nothing to fit; end-to-end calibration moves it).
+    """
+    if fn not in SQUASH:
+        raise ValueError(f"unknown elementwise function {fn!r}; choose one of {', '.join(SQUASH)}")
+    f = SQUASH[fn]
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    if not per_channel:
+        if fn == "tanh":
+            d = fit_dyt(x, y, grid_size=grid_size, refine_steps=refine_steps, search_rows=search_rows, seed=seed)
+            return ElementwiseFit(fn, torch.tensor(d.alpha), d.weight, d.bias, d.mse, d.rel_error)
+        alpha = _scalar_search(x, y, f, grid_size, refine_steps, search_rows, seed)
+        alpha_t = torch.tensor(alpha, dtype=torch.float64)
+    else:
+        rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:search_rows]
+        xs, ys = x[rows].float(), y[rows].float()
+        search = _Objective(xs, ys, f)
+        scale = xs.std(0).clamp_min(1e-12)
+        exps = torch.linspace(-2.5, 1.5, grid_size)
+        log_grid = exps[:, None] * math.log(10) - scale.log()[None, :]  # [G, d] log alpha
+        errors = torch.stack([search.fit_channels(g.exp())[2] for g in log_grid])  # [G, d]
+        k = errors.argmin(0)
+        cols = torch.arange(x.shape[1])
+        lo = log_grid[(k - 1).clamp_min(0), cols]
+        hi = log_grid[(k + 1).clamp_max(grid_size - 1), cols]
+        best, best_err = _golden(lo, hi, lambda t: search.fit_channels(t.exp())[2], refine_steps)
+        alpha_t = torch.where(best_err < errors[k, cols], best, log_grid[k, cols]).exp().double()
+    x64, y64 = x.double(), y.double()
+    g, b, _ = _Objective(x64, y64, f).fit_channels(alpha_t)
+    mse = float(((f(alpha_t * x64) * g + b - y64) ** 2).mean())
+    return ElementwiseFit(fn, alpha_t.float(), g.float(), b.float(), mse, math.sqrt(mse / max(float(y64.pow(2).mean()), 1e-30)))
+
+
+def _scalar_search(x, y, f, grid_size, refine_steps, search_rows, seed) -> float:
+    """fit_dyt's scalar alpha search for another squashing function."""
+    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:search_rows]
+    search = _Objective(x[rows].float(), y[rows].float(), f)
+    scale = float(x.float().std().clamp_min(1e-12))
+    log_grid = torch.linspace(-2.5, 1.5, grid_size, dtype=torch.float64) * math.log(10) - math.log(scale)
+    errors = torch.tensor([search(math.exp(a)) for a in log_grid.tolist()], dtype=torch.float64)
+    k = int(errors.argmin())
+    lo, hi = log_grid[max(k - 1, 0)].reshape(1), log_grid[min(k + 1, grid_size - 1)].reshape(1)
+    best, err = _golden(lo, hi, lambda t: torch.tensor([search(math.exp(float(t)))], dtype=torch.float64), refine_steps)
+    return math.exp(float(best)) if float(err) < float(errors[k]) else math.exp(float(log_grid[k]))
+
+
+def elementwise_error(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative RMS error of any elementwise norm module on (x, y), in float64."""
+    import copy
+
+    m = copy.deepcopy(module).double()
+    with torch.no_grad():
+        pred = m(x.reshape(-1, x.shape[-1]).double())
+    y = y.reshape(-1, y.shape[-1]).double()
+    return math.sqrt(float(((pred - y) ** 2).mean()) / max(float(y.pow(2).mean()), 1e-30))
+
+
+# --------------------------------------------------------------------------- whole-model refitting
+
+
+def _norm_types() -> tuple[type, ...]:
+    from normswap.modules import DyT, ElementwiseNorm
+
+    return (DyT, ElementwiseNorm)
+
+
+def elementwise_sites(model: nn.Module) -> list[str]:
+    """Paths of the model's DyT and ElementwiseNorm modules, in module (forward) order."""
+    return [name for name, m in model.named_modules() if isinstance(m, _norm_types())]
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
+    """Inputs ("input") or outputs ("output") of the modules at `paths` over all batches, as float32
+    [tokens, d] tensors; each pass stops once every module has fired (only the prefix runs)."""
+    from normswap.surgery.paths import get_module
+
+    store: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    fired: set[str] = set()
+    handles = []
+    for p in paths:
+        def hook(m, args, out=None, p=p):
+            t = args[0] if what == "input" else out
+            store[p].append(t.detach().reshape(-1, t.shape[-1]).float().cpu())
+            fired.add(p)
+            if len(fired) == len(paths):
+                raise _Stop
+
+        mod = get_module(model, p)
+        handles.append(mod.register_forward_pre_hook(hook) if what == "input" else mod.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                fired.clear()
+                try:
+                    model(**{k: v.to(device) for k, v in batch.items()})
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: torch.cat(v) for p, v in store.items()}
+
+
+def calibrate_variant(model: nn.Module, original: nn.Module, batches: list[dict[str, torch.Tensor]], variant: str, *,
+                      sequential: bool = True, paths: list[str] | None = None, **fit_kwargs) -> dict[str, dict[str, float]]:
+    """Replace each elementwise site of a converted, unfolded `model` (its DyT modules, or `paths`)
+    by a least-squares fit of `variant` ("dyt" or a key of normswap.modules.VARIANTS) to the
+    `original` model's norm outputs at the same paths, on `batches`.
+
+    `sequential`: each site is fitted on the inputs the already refitted prefix gives it (as
+    `convert_model` does); otherwise on the converted model's inputs as they were. The targets
+    come from `original`, whose module at each path is the norm the site replaced (conversion
+    keeps the paths; centring a Pre-LN stream leaves a LayerNorm's output unchanged).
+    Returns {path: {"rel_error": ...}}. Each site keeps its `recenter`.
+    """
+    from normswap.modules import VARIANTS, DyT, new_variant
+    from normswap.surgery.paths import get_module, set_module
+
+    if variant != "dyt" and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose dyt or one of {', '.join(VARIANTS)}")
+    paths = elementwise_sites(model) if paths is None else list(paths)
+    targets = capture(original, paths, batches, "output")
+    inputs = None if sequential else capture(model, paths, batches, "input")
+    report = {}
+    for path in paths:
+        old = get_module(model, path)
+        x = capture(model, [path], batches, "input")[path] if sequential else inputs[path]
+        y = targets[path]
+        ref = next(old.parameters())
+        if variant == "dyt":
+            fit = fit_dyt(x, y, **fit_kwargs)
+            new: nn.Module = DyT(old.dim, fit.alpha, recenter=old.recenter)
+            alpha = torch.tensor(fit.alpha)
+        else:
+            fn, per_channel = VARIANTS[variant]
+            fit = fit_elementwise(x, y, fn=fn, per_channel=per_channel, **fit_kwargs)
+            new = new_variant(variant, old.dim, recenter=old.recenter)
+            alpha = fit.alpha
+        with torch.no_grad():
+            new.alpha.copy_(alpha)
+            new.weight.copy_(fit.weight)
+            new.bias.copy_(fit.bias)
+        set_module(model, path, new.to(dtype=ref.dtype, device=ref.device))
+        report[path] = {"rel_error": fit.rel_error}
+    return report
+
+
+def widen_alpha(model: nn.Module, paths: list[str] | None = None) -> list[str]:
+    """Replace each scalar-alpha DyT (at `paths`, default all) by the same function as a
+    "dyt-channel" ElementwiseNorm (its alpha copied into every channel), so that end-to-end
+    calibration can move each channel's alpha on its own; no refit, nothing else changes.
+    Returns the paths replaced."""
+    from normswap.modules import DyT, new_variant
+    from normswap.surgery.paths import get_module, set_module
+
+    done = []
+    for path in (elementwise_sites(model) if paths is None else paths):
+        old = get_module(model, path)
+        if type(old) is not DyT:
+            continue
+        new = new_variant("dyt-channel", old.dim, weight=old.weight is not None, bias=old.bias is not None, recenter=old.recenter)
+        with torch.no_grad():
+            new.alpha.copy_(old.alpha.detach().expand(old.dim))
+            if old.weight is not None:
+                new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        ref = old.alpha
+        set_module(model, path, new.to(dtype=ref.dtype, device=ref.device))
+        done.append(path)
+    return done

@@ -182,6 +182,78 @@ def center_input(module: nn.Module) -> None:
         module.__class__ = _swapped(cls, _CenteredInput, "CenteredInput")
 
 
+class ElementwiseNorm(_AffineNorm):
+    """Elementwise stand-ins for a norm beyond DyT: y = w * f(alpha * x [+ s]) + b.
+
+    `fn` is the squashing function:
+    - "tanh": DyT's own (arXiv 2503.10622);
+    - "isru": the inverse square root unit u / sqrt(1 + u^2), DyISRU (arXiv 2503.21708). With
+      alpha = 1 / sqrt(beta) it is the paper's x / sqrt(beta + x^2) up to the output scale, which w
+      carries: RMSNorm's x_i / sqrt(x_i^2 + sum of the other squares) with that sum frozen to a
+      constant, exact where the other channels' energy does not vary between tokens. It saturates
+      more slowly than tanh (like x / |x|, not exponentially), so outliers keep more of their size;
+    - "erf": Derf (arXiv 2512.10938), erf(alpha x + s) with a learnable shift s.
+
+    `per_channel` makes alpha (and Derf's s) a [dim] vector instead of a scalar: each channel gets
+    its own input scale, which an outlier channel (a massive activation) needs. Like DyT, nothing
+    is reduced over the hidden dimension; w and b fold into the readers exactly as DyT's do.
+    The variant is named by `VARIANTS` (the record's site type).
+    """
+
+    FUNCTIONS = ("tanh", "isru", "erf")
+
+    def __init__(self, dim: int, fn: str = "tanh", alpha: float = 0.5, per_channel: bool = False, weight: bool = True,
+                 bias: bool = True, recenter: bool = False):
+        if fn not in self.FUNCTIONS:
+            raise ValueError(f"unknown elementwise function {fn!r}; choose one of {', '.join(self.FUNCTIONS)}")
+        super().__init__(dim, weight, bias, recenter)
+        self.fn, self.per_channel = fn, bool(per_channel)
+        shape = (dim,) if per_channel else ()
+        self.alpha = nn.Parameter(torch.full(shape, float(alpha)))
+        self.shift = nn.Parameter(torch.zeros(shape)) if fn == "erf" else None
+
+    @property
+    def variant(self) -> str:
+        """The variant's name (a key of `VARIANTS`), as the conversion record writes it."""
+        return next(k for k, v in VARIANTS.items() if v == (self.fn, self.per_channel))
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        """f(alpha * x [+ s]) before the affine."""
+        u = self.alpha.to(x.dtype) * x
+        if self.fn == "tanh":
+            return torch.tanh(u)
+        if self.fn == "isru":
+            return u * torch.rsqrt(1 + u * u)
+        return torch.erf(u + self.shift.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._affine(self.squash(x))
+
+    def extra_repr(self) -> str:
+        a = self.alpha.detach()
+        shown = f"{float(a):.4g}" if a.dim() == 0 else f"[{a.numel()}] median {float(a.median()):.4g}"
+        return f"{super().extra_repr()}, fn={self.fn}, alpha={shown}"
+
+
+# Site types of the elementwise variants: type -> (function, per-channel alpha). Scalar-alpha tanh
+# is "dyt" (the DyT class); a spec of any of these needs only dim, weight, bias and recenter.
+VARIANTS = {
+    "dyt-channel": ("tanh", True),
+    "dyisru": ("isru", False),
+    "dyisru-channel": ("isru", True),
+    "derf": ("erf", False),
+    "derf-channel": ("erf", True),
+}
+
+
+def new_variant(variant: str, dim: int, *, weight: bool = True, bias: bool = True, recenter: bool = False) -> ElementwiseNorm:
+    """An empty elementwise norm of the named variant (a key of `VARIANTS`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown elementwise variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    fn, per_channel = VARIANTS[variant]
+    return ElementwiseNorm(dim, fn, per_channel=per_channel, weight=weight, bias=bias, recenter=recenter)
+
+
 def new_norm(spec: dict) -> nn.Module:
     """Build an empty replacement norm from its saved description (see `normswap.record`)."""
     if spec["type"] == "rmsnorm":
@@ -192,6 +264,8 @@ def new_norm(spec: dict) -> nn.Module:
     if spec["type"] == "none":
         return FixedNorm(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False),
                          center=spec.get("center", False))
+    if spec["type"] in VARIANTS:
+        return new_variant(spec["type"], spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False))
     if spec["type"] == "identity":
         return nn.Identity()
     raise ValueError(f"unknown norm type {spec['type']!r}")
