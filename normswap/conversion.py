@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from normswap.archs.plan import ModelPlan, Site, build_plan
-from normswap.calibration import dyt_error, fit_dyt
+from normswap.calibration import capture as _capture, dyt_error, fit_dyt
 from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.modules import DyT, FixedNorm, RMSNorm, center_input
@@ -788,42 +788,3 @@ def _affine(module: nn.Module, site: Site) -> tuple[torch.Tensor | None, torch.T
         w = site.gain_offset + w.float()  # in float32 as Gemma computes it (and as the streaming path does)
     return w, (None if b is None else b.detach().clone())
 
-
-class _Stop(Exception):
-    """Raised by a capture hook once it has what it needs, to skip the rest of the forward pass."""
-
-
-def _capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
-    """Inputs or outputs of the modules at `paths` over all batches, as [tokens, d] tensors.
-
-    Each forward pass stops as soon as every requested module has fired, so capturing early sites
-    (or targets, skipping a large LM head) costs only the prefix of the model.
-    """
-    store: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
-    fired: set[str] = set()
-    handles = []
-    for p in paths:
-        mod = get_module(model, p)
-
-        def hook(m, args, out=None, p=p):
-            t = args[0] if what == "input" else out
-            store[p].append(t.detach().reshape(-1, t.shape[-1]).float())
-            fired.add(p)
-            if len(fired) == len(paths):
-                raise _Stop
-
-        if what == "input":
-            handles.append(mod.register_forward_pre_hook(hook))
-        else:
-            handles.append(mod.register_forward_hook(hook))
-    try:
-        for batch in batches:
-            fired.clear()
-            try:
-                model(**batch)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {p: torch.cat(v) for p, v in store.items()}
