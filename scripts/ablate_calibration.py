@@ -11,7 +11,9 @@ calibration, `normswap.e2e.fit_end_to_end`, against the original):
 - `VARIANT:ls` / `VARIANT:e2e` (VARIANT a key of `normswap.modules.VARIANTS`, e.g. `dyt-channel`):
   the converted sites refitted by least squares to that variant (`calibrate_variant`, sequential),
   then optionally end-to-end;
-- `e2e-from-alpha-0.5`: end-to-end from the constant-alpha start.
+- `e2e-from-alpha-0.5`: end-to-end from the constant-alpha start;
+- `e2e-channel`: `ls-sequential` with each scalar alpha copied into a per-channel alpha (the same
+  function, `normswap.calibration.widen_alpha`), then end-to-end: per-channel alphas without a per-channel refit.
 For `--to none` the rows are `none` (the conversion's average-RMS scales) and `none:e2e`.
 
 Measures (the project's protocols, see docs/results/README.md and assets/README.md):
@@ -115,7 +117,12 @@ class Evaluator:
             return {"ppl": r.value, "nll": r.nll, "nll_median": r.nll_median, "nll_p99": r.nll_p99, "scored_tokens": r.tokens}
         from normswap.evaluation.sts import evaluate_sts
 
-        corr, _, _ = evaluate_sts(model, self.tok, self.pairs, pooling=self.pooling, progress=False)
+        from normswap.errors import NormswapError
+
+        try:
+            corr, _, _ = evaluate_sts(model, self.tok, self.pairs, pooling=self.pooling, progress=False)
+        except NormswapError as e:  # degenerate embeddings (all cosines equal): no correlation to report
+            return {"spearman": None, "pearson": None, "error": str(e)}
         return {"spearman": corr["spearman"], "pearson": corr["pearson"]}
 
 
@@ -126,7 +133,7 @@ def parse_row(row: str, to: str) -> dict[str, Any]:
     if to == "none":
         if row not in ("none", "none:e2e"):
             raise SystemExit(f"--to none rows are none and none:e2e, not {row!r}")
-        return {"convert": {}, "variant": None, "e2e": row.endswith(":e2e")}
+        return {"convert": {}, "variant": None, "e2e": row.endswith(":e2e"), "widen": False}
     fixed = {
         "alpha-0.5": ({"alpha_init": 0.5}, None, False),
         "ls-parallel": ({"sequential": False}, None, False),
@@ -134,13 +141,14 @@ def parse_row(row: str, to: str) -> dict[str, Any]:
         "e2e": ({}, None, True),
         "e2e-from-alpha-0.5": ({"alpha_init": 0.5}, None, True),
         "e2e-from-parallel": ({"sequential": False}, None, True),
+        "e2e-channel": ({}, None, True),
     }
     if row in fixed:
         conv, variant, e2e = fixed[row]
-        return {"convert": conv, "variant": variant, "e2e": e2e}
+        return {"convert": conv, "variant": variant, "e2e": e2e, "widen": row == "e2e-channel"}
     variant, _, stage = row.partition(":")
     if variant in VARIANTS and stage in ("ls", "e2e"):
-        return {"convert": {}, "variant": variant, "e2e": stage == "e2e"}
+        return {"convert": {}, "variant": variant, "e2e": stage == "e2e", "widen": False}
     raise SystemExit(f"unknown row {row!r}: {', '.join(fixed)}, or VARIANT:ls / VARIANT:e2e with VARIANT in {', '.join(VARIANTS)}")
 
 
@@ -179,12 +187,24 @@ def run_row(args, name: str, row: str, evaluator: Evaluator, original: torch.nn.
             batches = model_inputs(model, tokenizer=evaluator.tok, text=text, n_tokens=args.calib_tokens, block=args.e2e_block,
                                    batch_size=args.e2e_batch, what="calibration")
     if how["variant"] is not None:
-        t1, c1 = time.perf_counter(), time.process_time()
-        ls_batches = model_inputs(model, tokenizer=evaluator.tok, text=text, n_tokens=args.calib_tokens, what="calibration")
-        rep = calibrate_variant(model, original, ls_batches, how["variant"], sequential=True)
-        errs = sorted(v["rel_error"] for v in rep.values())
-        out.update(variant=how["variant"], variant_ls_s=time.perf_counter() - t1, variant_ls_cpu_s=time.process_time() - c1,
-                   variant_rel_error_median=errs[len(errs) // 2])
+        vkey = key + how["variant"]
+        if vkey in CONVERSIONS:  # this run refitted the variant already: its modules and first timing
+            mods, vtiming = CONVERSIONS[vkey]
+            for p, m in mods.items():
+                set_module(model, p, copy.deepcopy(m))
+        else:
+            t1, c1 = time.perf_counter(), time.process_time()
+            ls_batches = model_inputs(model, tokenizer=evaluator.tok, text=text, n_tokens=args.calib_tokens, what="calibration")
+            rep = calibrate_variant(model, original, ls_batches, how["variant"], sequential=True)
+            errs = sorted(v["rel_error"] for v in rep.values())
+            vtiming = {"variant_ls_s": time.perf_counter() - t1, "variant_ls_cpu_s": time.process_time() - c1,
+                       "variant_rel_error_median": errs[len(errs) // 2]}
+            CONVERSIONS[vkey] = ({p: copy.deepcopy(m) for p, m in model.named_modules() if isinstance(m, norm_types())}, vtiming)
+        out.update(variant=how["variant"], **vtiming)
+    if how["widen"]:
+        from normswap.calibration import widen_alpha
+
+        out["widened"] = len(widen_alpha(model))
     if how["e2e"]:
         e2e = fit_end_to_end(model, original, batches, steps=args.e2e_steps, lr=args.e2e_lr, objective=args.objective,
                              time_budget_s=args.e2e_time, rows_per_step=args.rows_per_step, progress=True,
@@ -244,7 +264,8 @@ def report(out_dir: Path) -> str:
                     f"{r.get('e2e_cpu_s', 0):.0f})")
             loss = f"{e['loss_before']:.4g} -> {e['loss_after']:.4g}" if e else ""
             steps = f"{e['steps']} ({e['stopped']}, lr {e['lr']:g}, {e['objective']})" if e else ""
-            lines.append(f"| `{row}` | {m:.4g} | {secs} | {r['calibration_s']:.0f} | {steps} | {loss} | "
+            shown = "undefined (degenerate embeddings)" if m is None else f"{m:.4g}"
+            lines.append(f"| `{row}` | {shown} | {secs} | {r['calibration_s']:.0f} | {steps} | {loss} | "
                          f"{r['load_before'][0] if r.get('load_before') else ''} |")
         lines.append("")
     text = "\n".join(lines)
