@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -246,7 +247,7 @@ def capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.Te
 
         mod = get_module(model, p)
         handles.append(mod.register_forward_pre_hook(hook) if what == "input" else mod.register_forward_hook(hook))
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -259,6 +260,66 @@ def capture(model: nn.Module, paths: list[str], batches: list[dict[str, torch.Te
         for h in handles:
             h.remove()
     return {p: torch.cat(v) for p, v in store.items()}
+
+
+def one_batch(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """The batches stacked into one (along the batch dimension), or None where they cannot be
+    (different keys or lengths: one utterance a batch). Rows keep their order, so a capture of the
+    stacked batch lists the same tokens in the same order as `capture` over the list."""
+    if len(batches) == 1:
+        return batches[0]
+    keys = set(batches[0])
+    if any(set(b) != keys for b in batches) or any(b[k].shape[1:] != batches[0][k].shape[1:] for b in batches for k in keys):
+        return None
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def fit_in_forward(model: nn.Module, paths: list[str], batch: dict[str, torch.Tensor],
+                   make: Callable[[str, nn.Module, torch.Tensor], nn.Module]) -> dict[str, nn.Module]:
+    """Sequential calibration in a single forward pass: when the pass reaches the module at a path,
+    `make(path, module, x)` builds its replacement from the module's input `x` (float32 [tokens,
+    d], on the CPU) and the replacement's output goes on in the module's place. Each site therefore
+    sees the inputs that the already replaced prefix gives it, as a per-site `capture` after each
+    swap would, but the model runs once instead of once per site, and nothing in it needs to be
+    resident before the pass reaches it (`normswap.blockwise` loads blocks as they run).
+
+    The replacements are returned (path -> module, cast to the module's dtype and device), not set
+    into the model: the caller swaps them. A path that fires again in the same pass (a shared
+    module) reuses its replacement; a path that never fires is an error."""
+    from normswap.surgery.paths import get_module
+
+    built: dict[str, nn.Module] = {}
+    handles = []
+    for p in paths:
+        def hook(m, args, out, p=p):
+            x = args[0]
+            if p not in built:
+                new = make(p, m, x.detach().reshape(-1, x.shape[-1]).float().cpu())
+                ref = next(m.parameters(), None)
+                ref = ref if ref is not None and ref.device.type != "meta" else x
+                built[p] = new.to(dtype=ref.dtype, device=ref.device)
+            return built[p](x)
+
+        handles.append(get_module(model, p).register_forward_hook(hook))
+    device = input_device(model)
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in built]
+    if missing:
+        raise RuntimeError(f"calibration: {len(missing)} site(s) never ran in the forward pass, e.g. {missing[0]}")
+    return built
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its first parameter that is not on the meta device."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def calibrate_variant(model: nn.Module, original: nn.Module, batches: list[dict[str, torch.Tensor]], variant: str, *,

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from normswap.archs.plan import ModelPlan, Site, build_plan
-from normswap.calibration import capture as _capture, dyt_error, fit_dyt
+from normswap.calibration import capture as _capture, dyt_error, fit_dyt, fit_in_forward, one_batch
+from normswap.devices import device_name
 from normswap.errors import NormswapError
 from normswap.log import logger
 from normswap.modules import DyT, FixedNorm, RMSNorm, center_input
@@ -63,6 +64,7 @@ class ConversionResult:
     end_to_end: dict[str, Any] | None = None  # `calibrate="e2e"`: the fit's summary (normswap.e2e)
     tokenizer: Any = None
     source: str | None = None
+    device: str | None = None  # where calibration and verification ran
 
     def to_json(self) -> dict[str, Any]:
         """The `--format json` object of `normswap convert`."""
@@ -75,6 +77,7 @@ class ConversionResult:
             "style": self.record.style,
             "exact": self.record.exact,
             "dtype": self.record.dtype,
+            "device": self.device,
             "tied_head": self.record.tied_head,
             "sites": [
                 {"path": s.path, "placement": s.placement, "new_type": s.type, "folded": s.folded, "exact": s.exact,
@@ -146,6 +149,7 @@ def convert_model(
     calibrate: str = "site",
     e2e_steps: int | None = None,
     e2e_seconds: float | None = None,
+    device: Any = "auto",
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
@@ -164,6 +168,10 @@ def convert_model(
     every norm parameter against the original's outputs on the calibration data
     (`normswap.e2e.fit_end_to_end`): `e2e_steps` Adam steps at most (default `E2E_STEPS`), within
     `e2e_seconds` if given. Nothing but the norms' parameters changes.
+
+    `device` is where the model runs for calibration and verification ("auto": the first
+    accelerator, else the CPU; `normswap.devices`); the surgery's float64 maths runs on whichever
+    device holds each tensor. The converted model is returned on that device.
 
     `plan` is where the norm sites come from (`archs.plan.build_plan`): "auto" (the family table,
     cross-checked by discovery; discovery where there is no table), "table" or "discover".
@@ -187,9 +195,12 @@ def convert_model(
     from normswap import __version__
     from normswap.loading import check_source, load_config, load_pretrained, load_tokenizer
 
+    from normswap.devices import resolve_device
+
     t0 = time.perf_counter()
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens, calibrate=calibrate,
                   e2e_steps=e2e_steps, e2e_seconds=e2e_seconds)
+    device = resolve_device(device)
     calib_audio_subsets = subset_names(calib_audio_subsets, "--calib-audio-subsets")
     if calib_text is not None and not calib_text.strip():
         raise NormswapError("calibration text is empty")
@@ -210,11 +221,16 @@ def convert_model(
         _check_texts(type(model).__name__, tokenizer, calib_text, verify_text)
     # one working dtype for every stored tensor (from_pretrained keeps some modules in float32)
     cast_floats(model, work_dtype)
+    model.to(device)
     model.eval()
     plan_source = plan
     plan, sites, warnings, centre = plan_conversion(model, to, drop_mean, plan_source)
     warnings = dtype_warnings + warnings
-    original = copy.deepcopy(model)  # the source's values, exactly: every conversion is measured against it
+    # A second copy of the model only where the conversion needs the original itself: end-to-end
+    # calibration's teacher, and the float32 re-check of an exact half-precision RMSNorm conversion.
+    # Verification compares with the original's outputs, computed below before anything changes.
+    keep_original = calibrate == "e2e" or (to == "rmsnorm" and out_dtype != torch.float32)
+    original = copy.deepcopy(model) if keep_original else None
     # An exact-by-construction conversion (centred LayerNorm, or an RMSNorm kept or folded) is
     # checked on a short sample (256 tokens, one utterance); an approximate one, or any with
     # `verify`, is measured on 1024 tokens (four utterances), the figure the user reads.
@@ -226,6 +242,15 @@ def convert_model(
         source=getattr(model.config, "_normswap_source", None) or {"model": source, "revision": revision},
         version=__version__, dtype=dtype_name(out_dtype),
     )
+    # every conversion is measured on inputs the model accepts, against the original's outputs on
+    # them, computed now (kept on disk), before anything changes
+    from normswap.verification import Reference
+
+    audio = verify_audio if verify_audio is not None else calib_audio
+    verify_batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=verify_tokens,
+                                  block=256, batch_size=2, seed=1, what="verification", teacher=model,
+                                  audio_subsets=calib_audio_subsets if verify_audio is None else None)
+    reference = Reference(model, verify_batches)
     with torch.no_grad():
         if centre:
             record.tied_head = _centre_stream(model, plan, tied_head, record)
@@ -240,7 +265,7 @@ def convert_model(
             calib_batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=calib_text, audio=calib_audio,
                                          n_tokens=calib_tokens, what="calibration", teacher=model, audio_subsets=calib_audio_subsets)
             warnings += _stand_in_warnings(model, tokenizer, calib_batches, calib_audio, "calibration")
-        result = ConversionResult(record, 0.0, warnings, tokenizer=tokenizer, source=source)
+        result = ConversionResult(record, 0.0, warnings, tokenizer=tokenizer, source=source, device=device_name(device))
         from normswap.verification import float32_compute
 
         # Calibration runs the model: half precision on CPU runs it upcast to float32 (exactly; the
@@ -258,17 +283,13 @@ def convert_model(
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
     if record.tied_head and "untie" == record.tied_head:
         model.config.tie_word_embeddings = False
-    # every conversion is measured on inputs the model accepts, before anything is saved
-    from normswap.verification import compare
-
-    audio = verify_audio if verify_audio is not None else calib_audio
-    batches = model_inputs(model, tokenizer=tokenizer, processor=processor, text=verify_text, audio=audio, n_tokens=verify_tokens, block=256,
-                           batch_size=2, seed=1, what="verification", teacher=original,
-                           audio_subsets=calib_audio_subsets if verify_audio is None else None)
-    warnings += _stand_in_warnings(model, tokenizer, batches, audio, "verification")
+    warnings += _stand_in_warnings(model, tokenizer, verify_batches, audio, "verification")
     if verify_audio is None and calib_audio is not None:
         warnings.append("verification ran on the calibration audio (another seeded draw of it): give --verify-audio for held-out speech")
-    result.verification = compare(original, model, batches)
+    try:
+        result.verification = reference.compare(model)
+    finally:
+        reference.close()
     tolerance = EXACT_TOLERANCE[dtype_name(out_dtype)]
     result.verification["exact_tolerance"] = tolerance
     deviation = result.verification["max_rel_diff"]
@@ -276,10 +297,11 @@ def convert_model(
         # Half-precision weights round every rewritten value once; on stand-in inputs (random
         # features) that rounding can exceed the bound measured on text. The claim is about the
         # maths, so it is checked on the same conversion in float32 (which raises if it fails).
-        source_f32 = copy.deepcopy(original)
+        source_f32 = original  # kept for this check (see keep_original)
         cast_floats(source_f32, torch.float32)
         _, exact32 = convert_model(source_f32, to, fold=fold, tied_head=tied_head, tokenizer=tokenizer, verify_text=verify_text,
-                                   dtype="float32", drop_mean=drop_mean, verify_audio=audio, processor=processor, plan=plan_source)
+                                   dtype="float32", drop_mean=drop_mean, verify_audio=audio, processor=processor, plan=plan_source,
+                                   device=device)
         result.verification["float32_max_rel_diff"] = exact32.verification["max_rel_diff"]
         warnings.append(f"the {dtype_name(out_dtype)} output differs from the original by {deviation:.3g} on these inputs, above the "
                         f"{tolerance:g} bound measured on text: that is the rounding of the rewritten weights to "
@@ -625,16 +647,12 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
 
     # Calibrating Whisper's 34 sites on 8k tokens takes minutes: say how far it is.
     bar = progress_bar(len(sites), f"calibrating {TARGET_NAMES[to]}", unit="sites") if calib_batches is not None else None
-    built = []
-    for site in sites:
-        old = get_module(model, site.path)
+
+    def build(site: Site, old: nn.Module, x: torch.Tensor | None) -> tuple:
+        """One site's replacement (cast to the norm's dtype and device), from its input `x`."""
         g, b = _affine(old, site)
         center = keeps_mean(plan, site, drop_mean) if to == "rmsnorm" else to == "none" and _uncentred(site)
-        if calib_batches is None:
-            x = y = None
-        else:
-            x = inputs_x[site.path] if inputs_x is not None else _capture(model, [site.path], calib_batches, "input")[site.path]
-            y = targets_y[site.path]
+        y = targets_y[site.path] if targets_y is not None else None
         new, method = _replacement(site, to, g, b, center, x, y, alpha_init, sequential, result)
         ref = next(old.parameters(), None)
         # the affine as built (float32, holding the source's values exactly, Gemma's 1 + w too):
@@ -642,10 +660,34 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
         affine = _foldable_affine(new, to, ref)
         if ref is not None:
             new = new.to(dtype=ref.dtype, device=ref.device)
-        set_module(model, site.path, new)
-        built.append((site, new, method, center, affine))
         if bar is not None:
             bar.update(1)
+        return new, method, center, affine
+
+    by_path = {s.path: s for s in sites}
+    stacked = one_batch(calib_batches) if calib_batches is not None and sequential else None
+    if stacked is not None:
+        # Sequential calibration in one pass: each site is fitted as the pass reaches it (see
+        # `calibration.fit_in_forward`), on the inputs the converted prefix gives it.
+        made: dict[str, tuple] = {}
+
+        def make(path: str, old: nn.Module, x: torch.Tensor) -> nn.Module:
+            made[path] = build(by_path[path], old, x)
+            return made[path][0]
+
+        fit_in_forward(model, list(by_path), stacked, make)
+        built = [(site, *made[site.path]) for site in sites]
+        for site, new, *_ in built:
+            set_module(model, site.path, new)
+    else:
+        built = []
+        for site in sites:
+            x = None
+            if calib_batches is not None:
+                x = inputs_x[site.path] if inputs_x is not None else _capture(model, [site.path], calib_batches, "input")[site.path]
+            entry = build(site, get_module(model, site.path), x)
+            set_module(model, site.path, entry[0])
+            built.append((site, *entry))
     if bar is not None:
         bar.close()
     if e2e is not None:

@@ -211,18 +211,17 @@ class NotStreamable(NormswapError):
     """The conversion would be approximate: streaming cannot run the model to measure it."""
 
 
-def streamable(to: str, alpha_init: float | None, approximate_ok: bool = False) -> str | None:
+def streamable(to: str, alpha_init: float | None = None, approximate_ok: bool = False, calibrate: str = "site") -> str | None:
     """Why a conversion cannot stream (None if it can).
 
-    The command line streams exact conversions only: the streaming path never has a model to run,
-    so it could not measure an approximate result's deviation, and normswap saves nothing it has
-    not measured. `approximate_ok` is for library callers that measure the output themselves."""
+    Streaming runs the model one block at a time (`normswap.blockwise`): DyT is calibrated that
+    way and every approximate result is measured that way before it is saved. What needs both
+    whole models at once, or fixed scales of a centred stream, does not stream. (`approximate_ok`
+    is kept for library callers that measure the output themselves: it skips the measurement.)"""
     if to == "none":
-        return "--to none is approximate and its fixed scales are measured on data: the streaming path cannot run the model"
-    if to == "dyt" and not approximate_ok:
-        return "DyT is approximate, and the streaming path cannot run the model to measure its deviation (convert without --low-memory)"
-    if to == "dyt" and alpha_init is None:
-        return "DyT calibration runs the model on data"
+        return "--to none is calibrated on a centred stream, which the streaming path does not run yet"
+    if calibrate == "e2e":
+        return "--calibrate e2e fits every norm at once against the original model, which needs both models in memory"
     return None
 
 
@@ -238,12 +237,16 @@ class _Plan:
     # the working dtype (`normswap.conversion.resolve_dtypes`): source tensors are read in it and
     # each result is rounded to it, then cast to the planned output dtype
     float_dtype: torch.dtype = torch.float32
+    # calibrated DyT sites: path -> {"alpha", "weight", "bias"} (float32, unfolded), from `_calibrate`
+    fitted: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _meta_model(config: Any, cls: Any) -> nn.Module:
-    with torch.device("meta"):
-        model = cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
-    return model.eval()
+    """The architecture with its parameters on the meta device; buffers are real (small, and
+    runnable: the block-wise passes need the non-persistent ones)."""
+    from normswap.blockwise import empty_model
+
+    return empty_model(config, cls)
 
 
 def _key_renamer(model: nn.Module):
@@ -335,35 +338,48 @@ def stream_convert(
     dtype: str | torch.dtype | None = "auto",
     approximate_ok: bool = False,
     drop_mean: bool = False,
+    calib_text: str | None = None,
+    calib_tokens: int = 4096,
+    verify: bool = False,
+    verify_text: str | None = None,
+    device: Any = "cpu",
 ) -> Any:
     """Convert the checkpoint folder `source` into `out` without loading it; returns a ConversionResult.
 
-    Only an exact conversion is written unless `approximate_ok` (a caller that measures the result
-    itself); otherwise NotStreamable is raised before anything is written.
-
     Same tensors and conversion record as `normswap.convert(source, to, fold=..., tied_head=...,
-    dtype=...)` followed by `normswap.save`, for the conversions that need no calibration (see
-    `streamable`). `dtype` is the output's floating dtype ("auto": the source's own, see
-    `normswap.conversion.resolve_dtypes`, which also gives the working dtype the maths rounds to).
+    dtype=...)` followed by `normswap.save` (see `streamable` for what streams). `dtype` is the
+    output's floating dtype ("auto": the source's own, see `normswap.conversion.resolve_dtypes`,
+    which also gives the working dtype the maths rounds to).
+
+    DyT without `alpha_init` is calibrated block by block (`_calibrate`): the same sequential
+    least-squares fits as the in-memory path, on `calib_tokens` tokens of `calib_text`, with one
+    block of weights in memory at a time. An approximate result, or any with `verify`, is then
+    measured block by block against the source on the output as written (`_verify`), before the
+    output is moved into place; `approximate_ok` (a caller that measures the result itself) skips
+    that measurement for an approximate result. `device` is where the passes run.
     """
     from normswap import __version__
-    from normswap.conversion import (ConversionResult, _centre_stream, _fold_blocker, _untie_for_fold, check_options, dtype_name,
-                                     keeps_rmsnorm, plan_conversion, resolve_dtypes)
+    from normswap.conversion import (ConversionResult, EXACT_TOLERANCE, _centre_stream, _check_texts, _fold_blocker, _stand_in_warnings,
+                                     _untie_for_fold, check_options, dtype_name, keeps_rmsnorm, plan_conversion, resolve_dtypes)
+    from normswap.devices import resolve_device
     from normswap.loading import _architecture_class, atomic_output, check_source, _copy_aux_files, is_converted, load_config, load_tokenizer, write_config
     from normswap.outputs import check_output
     from normswap.record import ConversionRecord
 
     t0 = time.perf_counter()
-    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init)
+    check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens)
     why = streamable(to, alpha_init, approximate_ok)
     if why:
         raise NotStreamable(f"cannot convert with low memory: {why}")
+    device = resolve_device(device)
     src = check_source(str(source))
     if src is None:
         raise NormswapError(f"low-memory conversion needs a local model folder, not a Hub id ({source})")
     if is_converted(src):
         raise NormswapError(f"{source} is already a normswap checkpoint: streaming converts plain checkpoints only")
     out = check_output(out, overwrite=overwrite, inputs={"source model": src})
+    calibrated = to == "dyt" and alpha_init is None
+    from normswap.samples import is_speech
 
     out_dtype, work_dtype, dtype_warnings = resolve_dtypes(dtype, source=src)
     config = load_config(str(source))
@@ -372,6 +388,11 @@ def stream_convert(
     model = _meta_model(config, cls)
     reader = SafetensorsReader(checkpoint_files(src))
     source_key = _match_source_keys(model, reader)
+    if calibrated and is_speech(model):
+        raise NotStreamable(f"{type(model).__name__} calibrates on speech, one utterance a batch, which the block-wise passes do not "
+                            "run: convert it without --low-memory (with --calib-audio)")
+    tokenizer = load_tokenizer(str(src)) if save_tokenizer or calibrated or verify or to != "rmsnorm" else None
+    _check_texts(str(source), tokenizer, calib_text, verify_text)
 
     # -- the decisions, by the in-memory code on the meta model ------------------------------------
     from normswap.archs import get_family
@@ -387,6 +408,7 @@ def stream_convert(
     )
     warnings = dtype_warnings + warnings
     sp = _Plan(source_key, float_dtype=work_dtype)
+    calib_model = None
     with torch.no_grad():
         if centre:
             from normswap.surgery.centre import writer_dims, writer_target
@@ -404,15 +426,30 @@ def stream_convert(
         elif keeps_rmsnorm(plan, to):
             # on meta tensors: the head gets its own (meta) weight, read from the shared source tensor
             record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
+        if calibrated:  # the centred model with its norms as they are: what calibration runs
+            import copy
+
+            calib_model = copy.deepcopy(model)
         _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp, _fold_blocker, drop_mean)
+    from normswap.devices import device_name
+
+    result = ConversionResult(record, 0.0, warnings, tokenizer=tokenizer, source=str(source), device=device_name(device))
+    compute = _Computer(model, reader, sp)
+    if calibrated:
+        from normswap.blockwise import compute_dtype
+        from normswap.samples import model_inputs
+
+        batches = model_inputs(calib_model, tokenizer=tokenizer, text=calib_text, n_tokens=calib_tokens, what="calibration")
+        warnings += _stand_in_warnings(calib_model, tokenizer, batches, None, "calibration")
+        _calibrate(calib_model, compute.centred, sites, batches, sp, result, device, compute_dtype(work_dtype, device))
+        del calib_model
     for rec in record.sites:  # alpha as the in-memory path saves it: float32, then the working and output dtypes
+        if rec.path in sp.fitted:
+            rec.alpha, rec.method = float(sp.fitted[rec.path]["alpha"]), "calibrated-sequential"
         if rec.alpha is not None:
             rec.alpha = float(torch.tensor(rec.alpha, dtype=torch.float32).to(work_dtype).to(out_dtype))
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
-    if not record.exact and not approximate_ok:
-        inexact = [s.path for s in record.sites if not s.exact]
-        raise NotStreamable(f"converting {source} to {to} is approximate ({len(inexact)} site(s), e.g. {inexact[0] if inexact else 'none'}), "
-                            "and the streaming path cannot run the model to measure it: convert without --low-memory")
+    measure = verify or (not record.exact and not approximate_ok)
     if record.tied_head == "untie":
         model.config.tie_word_embeddings = False
 
@@ -426,20 +463,105 @@ def stream_convert(
         seen.add(id(t))
         out_plan.append((name, list(t.shape), out_dtype if t.is_floating_point() else t.dtype))
 
-    tokenizer = load_tokenizer(str(src)) if save_tokenizer else None
     with atomic_output(out, overwrite=overwrite, inputs={"source model": src}) as tmp:
         if copy_aux:
             _copy_aux_files(src, tmp)
-        if tokenizer is not None:
+        if tokenizer is not None and save_tokenizer:
             tokenizer.save_pretrained(str(tmp))
         writer = ShardWriter(tmp, out_plan, max_shard_size, {"format": "pt", "normswap": record.version})
-        compute = _Computer(model, reader, sp)
-        for key, _, dtype in writer:
-            writer.write(key, compute(key, dtype))
+        for key, _, dtype_ in writer:
+            writer.write(key, compute(key, dtype_))
         writer.write_index()
         write_config(tmp, model.config, record)
-    result = ConversionResult(record, time.perf_counter() - t0, warnings, tokenizer=tokenizer, source=str(source))
+        if measure:  # what was written, against the source, before it moves into place
+            result.verification = _verify(config, cls, model, compute, tmp, tokenizer, verify_text, record.exact, device, work_dtype, out_dtype)
+            tolerance = EXACT_TOLERANCE[dtype_name(out_dtype)]
+            result.verification["exact_tolerance"] = tolerance
+            if record.exact and result.verification["max_rel_diff"] > tolerance:
+                raise NormswapError(
+                    f"the conversion claims to be exact, but its {result.verification['output']} differ from the original's by "
+                    f"{result.verification['max_rel_diff']:.3g} (relative; the bound is {tolerance:g}): nothing is saved")
+    result.seconds = time.perf_counter() - t0
     logger.info("streamed %s -> %s: %d tensors in %d shard(s)", source, out, len(out_plan), len(writer.names))
+    return result
+
+
+def _calibrate(calib_model: nn.Module, fetch, sites, batches, sp: _Plan, result, device, compute: torch.dtype) -> None:
+    """Block-wise sequential DyT calibration: the same fits as the in-memory path
+    (`conversion._replacement` on each site's input and the original norm's output), from two
+    passes over `calib_model` (the centred source, its norms unchanged) with one block of weights
+    in memory at a time: the first stores every norm's output (the targets) on disk, the second
+    fits each site as the pass reaches it, on the inputs the already fitted prefix gives it."""
+    from normswap.blockwise import LazyWeights, SpillStore, block_paths, capture_outputs
+    from normswap.calibration import fit_in_forward, one_batch
+    from normswap.conversion import _affine, _replacement
+    from normswap.evaluation.progress import progress_bar
+
+    batch = one_batch(batches)
+    if batch is None:
+        raise NotStreamable("block-wise calibration runs all calibration inputs as one batch; these differ in shape "
+                            "(one utterance a batch): convert without --low-memory")
+    by_path = {s.path: s for s in sites}
+    paths = list(by_path)
+    targets = SpillStore()
+    bar = progress_bar(len(sites), "calibrating DyT (block-wise)", unit="sites")
+
+    def make(path: str, old: nn.Module, x: torch.Tensor) -> nn.Module:
+        site = by_path[path]
+        g, b = _affine(old, site)
+        new, _ = _replacement(site, "dyt", g, b, False, x, targets.get(path), None, True, result)
+        sp.fitted[path] = {"alpha": new.alpha.detach().clone(), "weight": new.weight.detach().clone(), "bias": new.bias.detach().clone()}
+        bar.update(1)
+        return new
+
+    try:
+        with LazyWeights(calib_model, fetch, block_paths(calib_model, paths), device=device, compute=compute):
+            capture_outputs(calib_model, paths, batch, targets)
+            fit_in_forward(calib_model, paths, batch, make)
+    finally:
+        bar.close()
+        targets.close()
+
+
+def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Path, tokenizer, verify_text, exact: bool, device,
+            work_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[str, Any]:
+    """`normswap.verification.compare` of the source and the output as written in `folder`, block
+    by block: the source's outputs on the verification batches go to disk, then the output's are
+    compared with them. Same inputs and figures as the in-memory path's check."""
+    from normswap.blockwise import LazyWeights, SpillStore, block_paths, compute_dtype
+    from normswap.samples import model_inputs
+    from normswap.verification import Deviation, _causal, _dtype, main_output
+
+    original = _meta_model(config, cls)
+    sites = list(compute.sp.sites)
+    batches = model_inputs(original, tokenizer=tokenizer, text=verify_text, n_tokens=256 if exact else 1024, block=256, batch_size=2,
+                           seed=1, what="verification")
+    calc = compute_dtype(work_dtype, device)
+    written = SafetensorsReader(checkpoint_files(folder))
+    written_key = _match_source_keys(converted, written)
+    outputs = SpillStore()
+    try:
+        with torch.no_grad():
+            with LazyWeights(original, compute.load, block_paths(original, sites), device=device, compute=calc):
+                what = ""
+                for i, batch in enumerate(batches):
+                    a, what = main_output(original, batch)
+                    outputs.put(i, a)
+            deviation = Deviation(causal=_causal(original) and "input_ids" in batches[0])
+
+            def fetch(name: str) -> torch.Tensor:
+                t = written.get(written_key[name])
+                return t.to(work_dtype) if t.is_floating_point() else t
+
+            with LazyWeights(converted, fetch, block_paths(converted, sites), device=device, compute=calc):
+                for i, batch in enumerate(batches):
+                    b, _ = main_output(converted, batch)
+                    deviation.add(outputs.get(i).to(b.device), b, batch, what)
+    finally:
+        outputs.close()
+    result = deviation.result()
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    result.update(original_dtype=name(work_dtype), converted_dtype=name(out_dtype), compute_dtype=name(calc), blockwise=True)
     return result
 
 
@@ -459,7 +581,7 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
         if to == "rmsnorm":
             w, b = has_g, has_b
         else:
-            exact, method = False, "alpha-init"
+            exact, method = False, "alpha-init" if alpha_init is not None else "calibrated-sequential"
             w = b = True
         folded = False
         if fold:
@@ -484,9 +606,10 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
                 new: nn.Module = RMSNorm(site.dim, site.eps if site.eps is not None else 1e-5, weight=w, bias=b, recenter=recenter,
                                          center=center)
             else:
-                new = DyT(site.dim, alpha=alpha_init, weight=w, bias=b, recenter=recenter)
+                new = DyT(site.dim, alpha=alpha_init or 0.5, weight=w, bias=b, recenter=recenter)
         set_module(model, site.path, new)
-        alpha = float(torch.tensor(float(alpha_init), dtype=torch.float32)) if to == "dyt" else None
+        # a calibrated alpha is filled in by `_calibrate`
+        alpha = float(torch.tensor(float(alpha_init), dtype=torch.float32)) if to == "dyt" and alpha_init is not None else None
         rec = SiteRecord(
             path=site.path, placement=site.placement, type=to, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
             weight=w, bias=b, recenter=recenter, center=center, folded=folded, exact=exact, method=method, alpha=alpha,
@@ -503,7 +626,6 @@ class _Computer:
         self.reader, self.sp = reader, sp
         self.pending: dict[str, torch.Tensor] = {}  # second tensor of a group computed together (a bias)
         self.affines: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self.alpha: dict[str, float] = {p: rec.alpha for p, (_, rec, *_r) in sp.sites.items() if rec.alpha is not None}
         self.had_bias = {n for n in sp.source_key if n.endswith(".bias")}
 
     def load(self, name: str) -> torch.Tensor:
@@ -516,8 +638,24 @@ class _Computer:
             t = t.to(self.sp.float_dtype)
         return t
 
+    def centred(self, name: str) -> torch.Tensor:
+        """A source tensor as the centred model holds it (before any norm is swapped or folded):
+        residual writers centred (`surgery.centre`, as `_group` does), everything else as stored."""
+        from normswap.surgery.centre import centre_tensor_
+
+        t = self.load(name)
+        path, _, attr = name.rpartition(".")
+        if "" in self.sp.centre.get(name, {}):  # a bare parameter writer (ViT's CLS token)
+            centre_tensor_(t, -1)
+        elif attr in self.sp.centre.get(path, {}):
+            centre_tensor_(t, self.sp.centre[path][attr])
+        return t
+
     def affine(self, site: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The norm's (g, b) as an explicit scale (Gemma-style norms store w with scale 1 + w)."""
+        """The site's (g, b): calibrated values where it was fitted, else the norm's own, as an
+        explicit scale (Gemma-style norms store w with scale 1 + w)."""
+        if site in self.sp.fitted:
+            return self.sp.fitted[site]["weight"], self.sp.fitted[site]["bias"]
         if site not in self.affines:
             spec, _, _, has_g, has_b = self.sp.sites[site]
             g = self.load(site + ".weight") if has_g else None
@@ -542,7 +680,7 @@ class _Computer:
             site, rec, *_ = sp.sites[path]
             g, b = self.affine(path)
             if attr == "alpha":
-                return torch.tensor(self.alpha[path], dtype=dtype)  # recorded as saved
+                return torch.tensor(rec.alpha, dtype=dtype)  # recorded as saved
             if attr == "weight":
                 return (g if g is not None else torch.ones(site.dim)).clone()
             return (b if b is not None else torch.zeros(site.dim)).clone()
@@ -575,7 +713,7 @@ class _Computer:
         for site in sp.folds.get(path, []):
             g, b = self.affine(site)
             _, rec, *_ = sp.sites[site]
-            if rec.type == "dyt":  # DyT's affine defaults to (1, 0) where the norm had none
+            if rec.type == "dyt" and site not in sp.fitted:  # DyT's affine defaults to (1, 0) where the norm had none
                 _, _, _, has_g, has_b = sp.sites[site]
                 g = g if has_g else torch.ones(rec.dim)
                 b = b if has_b else torch.zeros(rec.dim)

@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 
-def _main_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, str]:
-    out = model(**batch)
+def main_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, str]:
+    """Logits, or the last hidden state of a model without a head (the batch moved to the model's device)."""
+    from normswap.calibration import input_device
+
+    device = input_device(model)
+    out = model(**{k: v.to(device) for k, v in batch.items()})
     if getattr(out, "logits", None) is not None:
         return out.logits, "logits"
     return out.last_hidden_state, "last_hidden_state"
@@ -83,29 +87,80 @@ def compare(original: nn.Module, converted: nn.Module, batches: list[dict[str, t
     return result
 
 
+class Reference:
+    """The original model's outputs on the verification batches, computed before the conversion
+    changes anything and kept on disk (`normswap.blockwise.SpillStore`), so that the converted
+    model is compared with them without a second copy of the model in memory. `compare` gives the
+    figures of `compare(original, converted, batches)`, bit for bit."""
+
+    def __init__(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]):
+        from normswap.blockwise import SpillStore
+
+        self.batches, self.store = batches, SpillStore()
+        self.causal = _causal(model) and "input_ids" in batches[0]
+        self.dtype = _dtype(model)
+        self.what = ""
+        with float32_compute(model) as upcast, torch.no_grad():
+            for i, batch in enumerate(batches):
+                out, self.what = main_output(model, batch)
+                self.store.put(i, out.float())
+        self.upcast = upcast
+
+    def compare(self, converted: nn.Module) -> dict[str, Any]:
+        deviation = Deviation(self.causal)
+        with float32_compute(converted) as upcast, torch.no_grad():
+            for i, batch in enumerate(self.batches):
+                b, what = main_output(converted, batch)
+                deviation.add(self.store.get(i).to(b.device), b, batch, what)
+        result = deviation.result()
+        result.update(original_dtype=self.dtype, converted_dtype=_dtype(converted),
+                      compute_dtype="float32" if upcast or self.upcast else _dtype(converted))
+        return result
+
+    def close(self) -> None:
+        self.store.close()
+
+
 def _compare(original: nn.Module, converted: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    max_abs = 0.0
-    max_ref = 0.0
-    nll = {"original": 0.0, "converted": 0.0}
-    n_tok = 0
-    what = ""
-    causal = _causal(original) and "input_ids" in batches[0]
+    deviation = Deviation(causal=_causal(original) and "input_ids" in batches[0])
     for batch in batches:
-        a, what = _main_output(original, batch)
-        b, _ = _main_output(converted, batch)
+        a, what = main_output(original, batch)
+        b, _ = main_output(converted, batch)
+        deviation.add(a, b, batch, what)
+    return deviation.result()
+
+
+class Deviation:
+    """The figures of `compare`, accumulated over batches: max absolute and relative difference of
+    the two models' outputs and, for causal LMs, both perplexities."""
+
+    def __init__(self, causal: bool):
+        self.causal = causal
+        self.max_abs = self.max_ref = 0.0
+        self.nll = {"original": 0.0, "converted": 0.0}
+        self.n_tok = 0
+        self.tokens: int | None = None
+        self.what = ""
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, batch: dict[str, torch.Tensor], what: str) -> None:
         # float32 is enough: the difference of two fp32 logits is exact to ~1e-7 of their size.
         a, b = a.float(), b.float()
-        max_abs = max(max_abs, float((a - b).abs().max()))
-        max_ref = max(max_ref, float(a.abs().max()))
-        if causal:
-            ids = batch["input_ids"]
+        self.what = what
+        self.max_abs = max(self.max_abs, float((a - b).abs().max()))
+        self.max_ref = max(self.max_ref, float(a.abs().max()))
+        if "input_ids" in batch:
+            self.tokens = (self.tokens or 0) + int(batch["input_ids"].numel())
+        if self.causal:
+            ids = batch["input_ids"].to(a.device)
             for key, logits in (("original", a), ("converted", b)):
-                nll[key] += float(torch.nn.functional.cross_entropy(
+                self.nll[key] += float(torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            n_tok += ids[:, 1:].numel()
-    tokens = sum(int(b["input_ids"].numel()) for b in batches) if "input_ids" in batches[0] else None
-    result: dict[str, Any] = {"output": what, "max_abs_diff": max_abs, "max_rel_diff": max_abs / max(max_ref, 1e-30), "tokens": tokens}
-    if causal and n_tok:
-        result["ppl_original"] = math.exp(nll["original"] / n_tok)
-        result["ppl_converted"] = math.exp(nll["converted"] / n_tok)
-    return result
+            self.n_tok += ids[:, 1:].numel()
+
+    def result(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"output": self.what, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_abs / max(self.max_ref, 1e-30),
+                                  "tokens": self.tokens}
+        if self.causal and self.n_tok:
+            result["ppl_original"] = math.exp(self.nll["original"] / self.n_tok)
+            result["ppl_converted"] = math.exp(self.nll["converted"] / self.n_tok)
+        return result

@@ -125,4 +125,4 @@ def test_cli_to_none(tmp_path, monkeypatch, capsys):
     assert all(s["calib_rel_error"] > 0 for s in report["sites"])
     assert normalisation_modules(normswap.load(out)) == []
     code, _, err = run_cli(["convert", str(src), "--to", "none", "--low-memory", "--out", str(tmp_path / "o2")], monkeypatch, capsys)
-    refused(code, err, "approximate")
+    refused(code, err, "--to none")

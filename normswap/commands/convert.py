@@ -35,7 +35,8 @@ def convert_cmd(
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="Text for --verify [default: a built-in sample]."),
     verify_audio: Optional[Path] = typer.Option(None, "--verify-audio", help="Speech models: a folder of audio files for --verify [default: the calibration audio, else random features]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the checkpoint tensor by tensor instead of loading the model (exact conversions only: --to rmsnorm on LayerNorm Pre-LN and RMSNorm families; local safetensors folders). Chosen automatically when the weights exceed half the available memory."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Never hold the model: one block of weights in memory at a time (local safetensors folders; --to rmsnorm or dyt; DyT is calibrated and every approximate result measured block by block). Chosen automatically when the weights exceed half the available memory."),
+    device: str = typer.Option("auto", "--device", help="Where calibration and verification run: auto (the first accelerator, else the CPU), cpu, cuda, cuda:N or mps."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (only if you trust it)."),
     drop_mean: bool = typer.Option(False, "--drop-mean", help="Sites whose Pre-LN stream cannot be centred (and models whose structure is unknown): swap LayerNorm for plain RMSNorm, dropping the mean (approximate, measured). By default their RMSNorms subtract the input mean first, keeping LayerNorm's function exactly."),
@@ -58,12 +59,16 @@ def convert_cmd(
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens, calibrate=calibrate,
                   e2e_steps=e2e_steps, e2e_seconds=e2e_seconds)
     check_plan_source(plan)
+    from normswap.devices import check_device
+
+    check_device(device)
     inputs = {"source model": model, "calibration text": calib_text, "verification text": verify_text,
               "calibration audio": calib_audio, "verification audio": verify_audio}
     check_output(out, overwrite=overwrite, inputs=inputs)  # before any long work
     calib = read_text(calib_text) if calib_text is not None else None
     vtext = read_text(verify_text) if verify_text is not None else None
-    stream = plan != "discover" and _use_streaming(model, to, alpha_init, low_memory, verify, revision, trust_remote_code)
+    stream = plan != "discover" and _use_streaming(model, to, alpha_init, low_memory, calibrate, sequential, calib_audio, revision,
+                                                   trust_remote_code)
     logger.info("converting %s -> %s%s", model, to, " (streaming, low memory)" if stream else "")
     result = None
     if stream:
@@ -71,20 +76,22 @@ def convert_cmd(
 
         try:
             result = stream_convert(model, out, to, fold=fold, tied_head=tied_head, alpha_init=alpha_init, overwrite=overwrite, dtype=dtype,
-                                    drop_mean=drop_mean)
+                                    drop_mean=drop_mean, calib_text=calib, calib_tokens=calib_tokens, verify=verify, verify_text=vtext,
+                                    device=device)
         except NotStreamable:
             if low_memory:  # asked for: say why not
                 raise
-            logger.info("the conversion is approximate, so it must be measured: converting in memory instead")
+            logger.info("this conversion cannot run block by block: converting in memory instead")
             stream = False
     if result is None:
         converted, result = convert_model(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
             dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio, plan=plan,
-            calibrate=calibrate, e2e_steps=e2e_steps, e2e_seconds=e2e_seconds,
+            calibrate=calibrate, e2e_steps=e2e_steps, e2e_seconds=e2e_seconds, device=device,
             calib_audio_subsets=subset_names(calib_audio_subsets, "--calib-audio-subsets"),
         )
+        converted.to("cpu")  # saved from host memory, whichever device it ran on
         save(converted, out, result.record, tokenizer=result.tokenizer, copy_from=model if Path(model).is_dir() else None,
              overwrite=overwrite, inputs=inputs)
     logger.info("saved %s", out)
@@ -100,27 +107,29 @@ def convert_cmd(
         raise NormswapError(f"verification failed: relative logit difference {data['max_rel_diff']:.3g} > {tolerance:g} for an exact conversion")
 
 
-def _use_streaming(model: str, to: str, alpha_init: Optional[float], low_memory: bool, verify: bool,
-                   revision: Optional[str], trust_remote_code: bool) -> bool:
+def _use_streaming(model: str, to: str, alpha_init: Optional[float], low_memory: bool, calibrate: str, sequential: bool,
+                   calib_audio: Optional[Path], revision: Optional[str], trust_remote_code: bool) -> bool:
     """--low-memory, or automatically: a local checkpoint over half the available memory whose
-    conversion needs no calibration and no comparison with the original."""
+    conversion runs block by block (`normswap.streaming.streamable`)."""
     from normswap.log import logger
     from normswap.streaming import available_memory, checkpoint_bytes, streamable
 
-    why = streamable(to, alpha_init)
+    why = streamable(to, alpha_init, calibrate=calibrate)
+    if why is None and not sequential and to == "dyt" and alpha_init is None:
+        why = "block-wise calibration is sequential (each site on the converted prefix's inputs): drop --parallel"
+    if why is None and calib_audio is not None:
+        why = "speech calibration (--calib-audio) runs one utterance a batch, which the block-wise passes do not"
     if low_memory:
         if why:
             raise NormswapError(f"--low-memory: {why}")
-        if verify:
-            raise NormswapError("--low-memory cannot --verify: verification runs the original and converted models in memory")
         if revision is not None or trust_remote_code:
             raise NormswapError("--low-memory converts local checkpoint folders (no --revision, no --trust-remote-code)")
         return True
-    if why or verify or revision is not None or trust_remote_code or not Path(model).is_dir():
+    if why or revision is not None or trust_remote_code or not Path(model).is_dir():
         return False
     size, avail = checkpoint_bytes(model), available_memory()
     if size > avail / 2:
-        logger.info("weights %.1f GB > half the available memory (%.1f GB): streaming conversion", size / 1e9, avail / 1e9)
+        logger.info("weights %.1f GB > half the available memory (%.1f GB): block-wise conversion", size / 1e9, avail / 1e9)
         return True
     return False
 
@@ -132,6 +141,8 @@ def _print_human(d: dict) -> None:
     typer.echo("")
     typer.echo(f"target      {d['target']}  ({'exact' if d['exact'] else 'approximate: recover with normswap finetune'})")
     typer.echo(f"dtype       {d['dtype']}")
+    if d.get("device"):
+        typer.echo(f"device      {d['device']}" + ("  (block by block)" if d.get("low_memory") else ""))
     if d.get("end_to_end"):
         e = d["end_to_end"]
         typer.echo(f"end to end  {e['objective']} {e['loss_before']:.4g} -> {e['loss_after']:.4g} ({e['steps']} steps, "

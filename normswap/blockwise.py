@@ -1,0 +1,227 @@
+"""Running a model whose weights stay on disk: one transformer block in memory at a time.
+
+Calibrating DyT and verifying a conversion both need forward passes, of the original and of the
+converted model. Holding both (or even one) in memory limits a machine to models of half its
+memory; here a model is built with its parameters on the meta device (`empty_model`) and
+`LazyWeights` gives each block its weights from the checkpoint when a forward pass enters the
+block and takes them back when it leaves. Everything outside the blocks (embeddings, final norm,
+head) stays resident, in the checkpoint's dtype; its large tensors are cast to the compute dtype
+only while their module runs. Peak memory is then the resident part, one block in the compute
+dtype and the pass's activations, whatever the depth.
+
+Values are those of the in-memory path: each tensor is read exactly as `from_pretrained` would give
+it (through the caller's `fetch`: the source's tensors, centred where the conversion centres the
+stream), in the working dtype, then cast to the compute dtype (float32 for half-precision weights
+on the CPU, as `normswap.verification.float32_compute` does; the working dtype elsewhere).
+
+Tensors the passes keep (the original norms' outputs, the original logits) go to a `SpillStore`
+on disk, read back one at a time.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# a resident module holding fewer bytes than this keeps its parameters in the compute dtype for
+# good (norms, biases, position tables): only embeddings and heads are cast per call
+_SMALL_BYTES = 1 << 20
+
+
+def empty_model(config: Any, cls: Any) -> nn.Module:
+    """The architecture with every parameter on the meta device (no memory) and its buffers real:
+    non-persistent buffers (rotary frequencies, causal masks) are computed by the constructor and
+    are not in the checkpoint."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
+    if hasattr(model, "tie_weights"):  # the context re-registers each assigned parameter, which unties a tied head
+        model.tie_weights()
+    return model.eval()
+
+
+def block_paths(model: nn.Module, site_paths: list[str]) -> list[str]:
+    """The blocks: children of the model's ModuleLists that hold norm sites (GPT-2's `h.3`, Llama's
+    `model.layers.3`, Whisper's `model.encoder.layers.3` and `model.decoder.layers.3`), in order."""
+    blocks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList):
+            for i in range(len(mod)):
+                path = f"{name}.{i}" if name else str(i)
+                if any(s.startswith(path + ".") for s in site_paths):
+                    blocks.append(path)
+    return blocks
+
+
+class SpillStore:
+    """Tensors written to one temporary file and read back on demand, so that what a pass keeps
+    for later costs disk, not memory (plain reads: mapped pages would count as resident)."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self._fh = tempfile.TemporaryFile(dir=folder)
+        self._where: dict[Any, tuple[int, torch.Size, torch.dtype]] = {}
+        self._end = 0
+
+    def put(self, key: Any, t: torch.Tensor) -> None:
+        t = t.detach().contiguous().cpu()
+        self._fh.seek(self._end)
+        if t.numel():
+            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._where[key] = (self._end, t.shape, t.dtype)
+        self._end += t.numel() * t.element_size()
+
+    def get(self, key: Any) -> torch.Tensor:
+        start, shape, dtype = self._where[key]
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel():
+            self._fh.seek(start)
+            self._fh.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return t
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._where
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def compute_dtype(work_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a pass computes in: float32 for half-precision weights on the CPU (slow half
+    arithmetic, and the in-memory path's `float32_compute` does the same), else the weights' own."""
+    if torch.device(device).type == "cpu" and work_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return work_dtype
+
+
+class LazyWeights:
+    """Gives an `empty_model` its weights, block by block, while forward passes run (a context
+    manager: on exit every hook is removed and the weights are dropped).
+
+    `fetch(name)` returns the tensor of parameter or persistent buffer `name` (a state-dict name)
+    in the working dtype. Block parameters are fetched when a pass enters their block and dropped
+    when it leaves; the rest are fetched once. Tied parameters stay tied (one fetch, one tensor)."""
+
+    def __init__(self, model: nn.Module, fetch: Callable[[str], torch.Tensor], blocks: list[str], *, device: Any = "cpu",
+                 compute: torch.dtype = torch.float32):
+        self.model, self.fetch, self.device, self.compute = model, fetch, torch.device(device), compute
+        self.blocks = blocks
+        self._handles: list[Any] = []
+        self._meta: dict[tuple[int, str], nn.Parameter] = {}  # (module id, attr) -> the meta parameter it had
+        self.block_loads = 0
+        in_block = set()
+        for path in blocks:
+            block = model.get_submodule(path)
+            in_block.update(id(m) for m in block.modules())
+            self._handles.append(block.register_forward_pre_hook(self._enter))
+            self._handles.append(block.register_forward_hook(self._leave))
+        # names of every parameter object (tied ones have several): the first is fetched
+        self._names: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), name)
+        resident: dict[int, nn.Parameter] = {}  # meta parameter id -> its resident (working dtype) value
+        for mod_name, mod in model.named_modules():
+            if id(mod) in in_block or not mod._parameters:
+                continue
+            small = sum(p.numel() * p.element_size() for p in mod._parameters.values() if p is not None) < _SMALL_BYTES
+            for attr, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in resident:
+                    t = self.fetch(self._names[id(p)]).to(self.device)
+                    resident[id(p)] = nn.Parameter(t.to(compute) if small else t, requires_grad=False)
+                mod._parameters[attr] = resident[id(p)]
+            if not small:  # cast to the compute dtype while the module runs
+                self._handles.append(mod.register_forward_pre_hook(self._upcast))
+                self._handles.append(mod.register_forward_hook(self._downcast))
+        self._stored: dict[tuple[int, str], nn.Parameter] = {}
+        persistent = set(model.state_dict(keep_vars=True))
+        for name, buf in list(model.named_buffers()):
+            if name in persistent:
+                mod_name, _, attr = name.rpartition(".")
+                mod = model.get_submodule(mod_name)
+                t = self.fetch(name).to(self.device)
+                mod._buffers[attr] = t.to(compute) if t.is_floating_point() else t
+            elif buf.device != self.device or (buf.is_floating_point() and buf.dtype != compute and buf.dtype != torch.float32):
+                mod_name, _, attr = name.rpartition(".")
+                model.get_submodule(mod_name)._buffers[attr] = buf.to(self.device)
+
+    def __enter__(self) -> "LazyWeights":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- blocks
+    def _enter(self, block: nn.Module, args: Any) -> None:
+        cache: dict[int, nn.Parameter] = {}
+        for mod in block.modules():
+            for attr, p in list(mod._parameters.items()):
+                if p is None or p.device.type != "meta":
+                    continue
+                if id(p) not in cache:
+                    t = self.fetch(self._names[id(p)]).to(self.device)
+                    cache[id(p)] = nn.Parameter(t.to(self.compute) if t.is_floating_point() else t, requires_grad=False)
+                self._meta[(id(mod), attr)] = p
+                mod._parameters[attr] = cache[id(p)]
+        self.block_loads += 1
+
+    def _leave(self, block: nn.Module, args: Any, out: Any) -> None:
+        for mod in block.modules():
+            for attr in list(mod._parameters):
+                p = self._meta.pop((id(mod), attr), None)
+                if p is not None:
+                    mod._parameters[attr] = p
+
+    # -- large resident modules
+    def _upcast(self, mod: nn.Module, args: Any) -> None:
+        for attr, p in list(mod._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != self.compute:
+                self._stored[(id(mod), attr)] = p
+                mod._parameters[attr] = nn.Parameter(p.detach().to(self.compute), requires_grad=False)
+
+    def _downcast(self, mod: nn.Module, args: Any, out: Any) -> None:
+        for attr in list(mod._parameters):
+            p = self._stored.pop((id(mod), attr), None)
+            if p is not None:
+                mod._parameters[attr] = p
+
+
+def capture_outputs(model: nn.Module, paths: list[str], batch: dict[str, torch.Tensor], store: SpillStore,
+                    inputs: SpillStore | None = None) -> None:
+    """One forward pass; the outputs of the modules at `paths` (and their inputs, into `inputs`)
+    go to `store` as float32 [tokens, d] tensors, as `normswap.calibration.capture` returns them."""
+    from normswap.calibration import input_device
+
+    handles = []
+    for p in paths:
+        def hook(m, args, out, p=p):
+            if p not in store:
+                store.put(p, out.detach().reshape(-1, out.shape[-1]).float())
+            if inputs is not None and p not in inputs:
+                x = args[0]
+                inputs.put(p, x.detach().reshape(-1, x.shape[-1]).float())
+
+        handles.append(model.get_submodule(p).register_forward_hook(hook))
+    device = input_device(model)
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in store]
+    if missing:
+        raise RuntimeError(f"block-wise capture: {len(missing)} site(s) never ran, e.g. {missing[0]}")

@@ -1,0 +1,130 @@
+"""Block-wise conversion (normswap.blockwise, streaming DyT calibration and verification): the same
+result as the in-memory path, with one block of weights in memory at a time."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import normswap
+from normswap.blockwise import LazyWeights, SpillStore
+from normswap.loading import save
+from normswap.streaming import NotStreamable, checkpoint_files, stream_convert
+from tiny_models import TINY, tiny_inputs, tiny_model
+
+TEXT_FAMILIES = [n for n in TINY if n != "whisper"]
+
+
+def _tensors(folder):
+    state = {}
+    for f in checkpoint_files(folder):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _source(tmp_path, name, dtype=None, **overrides):
+    src = tmp_path / f"src-{name}"
+    model = tiny_model(name, **overrides)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(src)
+    return src
+
+
+@pytest.mark.parametrize("name,fold", [(n, True) for n in TEXT_FAMILIES] + [(n, False) for n in ("gpt2", "bert", "llama", "gemma")])
+def test_blockwise_dyt_equals_in_memory(tmp_path, name, fold):
+    """Same alphas, affines and folded readers, bit for bit, and the same measured deviation."""
+    src = _source(tmp_path, name)
+    model, mem = normswap.convert(str(src), "dyt", fold=fold)
+    save(model, tmp_path / "mem", mem.record)
+    result = stream_convert(src, tmp_path / "blk", "dyt", fold=fold, copy_aux=False, save_tokenizer=False)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "blk")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert [s.alpha for s in result.record.sites] == [s.alpha for s in mem.record.sites]
+    assert all(s.method == "calibrated-sequential" for s in result.record.sites)
+    assert {p: v["rel_error"] for p, v in result.calibration.items()} == {p: v["rel_error"] for p, v in mem.calibration.items()}
+    v, w = result.verification, mem.verification
+    assert v["blockwise"] and v["tokens"] == w["tokens"]
+    assert v["max_rel_diff"] == pytest.approx(w["max_rel_diff"], rel=1e-6)
+
+
+def test_bf16_source_keeps_its_dtype(tmp_path):
+    """A bfloat16 checkpoint converts to bfloat16 (dtype auto), block-wise as in memory."""
+    src = _source(tmp_path, "llama", dtype=torch.bfloat16)
+    model, mem = normswap.convert(str(src), "dyt")
+    save(model, tmp_path / "mem", mem.record)
+    result = stream_convert(src, tmp_path / "blk", "dyt", copy_aux=False, save_tokenizer=False)
+    assert result.record.dtype == "bfloat16"
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "blk")
+    for k in a:
+        assert b[k].dtype == torch.bfloat16
+        assert torch.equal(a[k], b[k]), k
+    assert result.verification["converted_dtype"] == "bfloat16" and result.verification["compute_dtype"] == "float32"
+
+
+def test_one_block_of_weights_at_a_time(tmp_path, monkeypatch):
+    src = _source(tmp_path, "gpt2", n_layer=4)
+    live: list[int] = []
+    enter = LazyWeights._enter
+
+    def probe(self, block, args):
+        enter(self, block, args)
+        blocks = [self.model.get_submodule(p) for p in self.blocks]
+        live.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+
+    monkeypatch.setattr(LazyWeights, "_enter", probe)
+    stream_convert(src, tmp_path / "blk", "dyt", copy_aux=False, save_tokenizer=False)
+    # 4 blocks x (targets pass, fitting pass, original and converted verification passes)
+    assert len(live) >= 16 and max(live) == 1
+
+
+def test_spill_store_round_trip():
+    store = SpillStore()
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(2, 2).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
+    for k, t in tensors.items():
+        store.put(k, t)
+    for k in reversed(list(tensors)):
+        got = store.get(k)
+        assert got.dtype == tensors[k].dtype and torch.equal(got, tensors[k])
+    assert store.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    store.close()
+
+
+def test_speech_calibration_is_refused(tmp_path):
+    src = _source(tmp_path, "whisper")
+    with pytest.raises(NotStreamable, match="speech"):
+        stream_convert(src, tmp_path / "o", "dyt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_low_memory_dyt(tmp_path):
+    src = _source(tmp_path, "llama", n_layer=2)
+    out = tmp_path / "low"
+    r = subprocess.run([sys.executable, "-m", "normswap", "convert", str(src), "--to", "dyt", "--out", str(out), "--low-memory",
+                        "--calib-tokens", "512", "--device", "cpu", "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["low_memory"] and data["device"] == "cpu" and data["verification"]["blockwise"]
+    assert all(s["method"] == "calibrated-sequential" and "calib_rel_error" in s for s in data["sites"])
+    model, mem = normswap.convert(str(src), "dyt", calib_tokens=512)
+    loaded = normswap.load(out)
+    x = tiny_inputs(loaded)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, loaded(**x).logits)
+    assert data["max_rel_diff"] == pytest.approx(mem.verification["max_rel_diff"], rel=1e-6)
+
+
+def test_cli_bad_device(tmp_path):
+    src = _source(tmp_path, "gpt2")
+    for device, why in (("tpu", "unknown --device"), ("cuda:7", "cuda")):
+        r = subprocess.run([sys.executable, "-m", "normswap", "convert", str(src), "--to", "dyt", "--out", str(tmp_path / "o"),
+                            "--device", device], capture_output=True, text=True, timeout=300)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1 and why in errors[0], r.stderr
+        assert not (tmp_path / "o").exists()
