@@ -112,3 +112,56 @@ def test_subprocess_human_table_and_stderr_progress(pairs, tmp_path):
     assert "status" in proc.stdout and "completed" in proc.stdout and "normswap:" not in proc.stdout
     assert "step 2/2" in proc.stderr
     assert (out / "train_log.jsonl").is_file() and (out / "loss_curve.png").is_file()
+
+
+def test_device_and_dtype_options(pairs, tmp_path, monkeypatch, capsys):
+    base = ["finetune", str(pairs["student"]), "--teacher", str(pairs["teacher"]), "--data", str(pairs["data"]),
+            "--objective", "distill", "--steps", "2", "--format", "json", *FAST]
+    # the forms are checked before anything loads; a named device that is absent is one error line too
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "a"), "--device", "gpu"], monkeypatch, capsys)
+    assert code == 2 and "unknown --device 'gpu'" in error_line(err)
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "a"), "--dtype", "float64"], monkeypatch, capsys)
+    assert code == 2 and "unknown --dtype 'float64'" in error_line(err)
+    if not torch.cuda.is_available():
+        code, _, err = run_cli([*base, "--out", str(tmp_path / "a"), "--device", "cuda:0"], monkeypatch, capsys)
+        assert code == 2 and "no CUDA device" in error_line(err)
+    assert not (tmp_path / "a").exists()
+    # explicit cpu, the checkpoint's own dtype: stated in the result
+    code, out, err = run_cli([*base, "--out", str(tmp_path / "cpu"), "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert (res["device"], res["dtype"], res["precision"], res["teacher_dtype"]) == ("cpu", "float32", "float32", "float32")
+    assert res["config"]["device"] == "cpu" and res["config"]["dtype"] == "auto"
+    assert res["distributed"] == {"processes": 1, "type": "single"}
+    # bfloat16: saved in bfloat16, computed in bf16 (autocast), the teacher in bfloat16; it loads back
+    code, out, err = run_cli([*base, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert (res["dtype"], res["precision"], res["teacher_dtype"]) == ("bfloat16", "bfloat16", "bfloat16")
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}
+    from normswap.loading import load_pretrained
+
+    assert next(load_pretrained(str(tmp_path / "bf16"), dtype="auto").parameters()).dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing(pairs, tmp_path, monkeypatch, capsys):
+    base = ["finetune", str(pairs["student"]), "--data", str(pairs["data"]), "--steps", "3", "--format", "json", "--seed", "3", *FAST]
+    code, out, err = run_cli([*base, "--out", str(tmp_path / "gc"), "--gradient-checkpointing"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)["gradient_checkpointing"] is True
+    code, out, err = run_cli([*base, "--out", str(tmp_path / "plain")], monkeypatch, capsys)
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "gc" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    for k in a:  # recomputation changes memory, not the arithmetic
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # a model class without it: one error line, nothing written
+    from transformers import GPT2LMHeadModel
+
+    monkeypatch.setattr(GPT2LMHeadModel, "supports_gradient_checkpointing", False)
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "no"), "--gradient-checkpointing"], monkeypatch, capsys)
+    assert code == 2 and "does not support gradient checkpointing" in error_line(err)
+    assert not (tmp_path / "no").exists()

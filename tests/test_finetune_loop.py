@@ -181,3 +181,23 @@ def test_masked_lm_student_trains_with_mlm_and_distill(tmp_path):
     log = [json.loads(ln) for ln in (tmp_path / "mlm" / "train_log.jsonl").read_text().splitlines()]
     assert all(e["loss_lm"] > 0 and e["loss_distill"] >= 0 for e in log if e["kind"] == "train")
     assert type(normswap.load(tmp_path / "mlm")).__name__ == "BertForMaskedLM"
+
+
+def test_device_and_dtype_keywords(pair, tmp_path):
+    """`device=` and `dtype=` (what the recipe runner passes) are TrainConfig fields; the result states them."""
+    from normswap.training import TrainConfig
+
+    teacher, student, data = pair
+    res = finetune(student, teacher=teacher, data=data, out=tmp_path / "kw", objective="distill", steps=2,
+                   device="cpu", dtype="float32", **FAST)
+    assert (res.device, res.dtype, res.precision, res.teacher_dtype) == ("cpu", "float32", "float32", "float32")
+    assert res.to_dict()["config"]["device"] == "cpu" and res.to_dict()["config"]["dtype"] == "float32"
+    cfg = TrainConfig(objective="distill", steps=2, device="auto", dtype="auto", **FAST)
+    res = finetune(student, teacher=teacher, data=data, out=tmp_path / "cfg", config=cfg)
+    assert res.status == "completed" and res.dtype == "float32"
+    with pytest.raises(normswap.NormswapError, match="unknown --dtype"):
+        finetune(student, data=data, out=tmp_path / "x", steps=2, dtype="int8", **FAST)
+    if not torch.cuda.is_available():
+        with pytest.raises(normswap.NormswapError, match="no CUDA device"):
+            finetune(student, data=data, out=tmp_path / "x", steps=2, device="cuda", **FAST)
+    assert not (tmp_path / "x").exists()

@@ -2,6 +2,8 @@
 
     normswap finetune gpt2-dyt --teacher gpt2 --data corpus.txt --tokens 2M --out gpt2-dyt-ft
     accelerate launch -m normswap finetune gpt2-dyt --teacher gpt2 --data corpus.txt --tokens 200M --out gpt2-dyt-ft
+    accelerate launch --config_file recipes/accelerate/fsdp-gpu-bf16.yaml -m normswap finetune llama-dyt --teacher llama \
+        --objective distill --data corpus.txt --tokens 200M --gradient-checkpointing --out llama-dyt-ft
     normswap finetune whisper-dyt --teacher whisper-tiny.en --objective distill --audio librispeech --steps 200 --out whisper-dyt-ft
 
 Progress goes to stderr; the result (a table, or JSON with --format json) to stdout. Ctrl-C saves a
@@ -73,7 +75,14 @@ def finetune_cmd(
                                             "[default: deleted when the final model is saved; interrupted runs keep theirs]."),
     log_every: int = typer.Option(10, "--log-every", help="Write train_log.jsonl (and a log line without a TTY) every N steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, order and masks."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16."),
+    precision: str = typer.Option("auto", "--precision", help="Arithmetic: auto (the accelerate config's mixed precision, else a half --dtype's, "
+                                  "else bf16/fp16 on CUDA and fp32 elsewhere), fp32, bf16, fp16."),
+    device: str = typer.Option("auto", "--device", help="Where it trains: auto (the first accelerator, else the CPU), cpu, cuda, cuda:N or mps. "
+                               "Under `accelerate launch` with several processes the launcher places them (a conflicting --device is an error)."),
+    dtype: str = typer.Option("auto", "--dtype", help="The saved weights' and the teacher's dtype: auto (the student checkpoint's own), float32, "
+                              "bfloat16 or float16. The student trains on float32 master weights."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in backward "
+                                                "(less memory, about a third more compute); an error for models without it."),
     dropout: Optional[float] = typer.Option(0.0, "--dropout", help="Dropout during training (negative: keep the model's own)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, keeping the model as trained so far."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
@@ -82,6 +91,14 @@ def finetune_cmd(
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     setup_runtime(threads)  # per process under `accelerate launch`
+    from normswap.devices import check_device
+    from normswap.training.config import DTYPE_NAMES
+
+    check_device(device)  # the form only: one error line before anything loads
+    if dtype.removeprefix("torch.") not in DTYPE_NAMES:
+        from normswap.errors import NormswapError
+
+        raise NormswapError(f"unknown --dtype {dtype[:40]!r}: choose one of {', '.join(DTYPE_NAMES)}")
     from normswap.audio import subset_names
     from normswap.training import TrainConfig, finetune, parse_count
 
@@ -91,7 +108,7 @@ def finetune_cmd(
         packing=packing, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip,
         train=train, progressive=progressive, swap_every=swap_every, fade_steps=fade_steps, swap_order=swap_order, val_examples=val_examples,
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every, seed=seed,
-        precision=precision, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
+        precision=precision, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing, max_seconds=time_limit * 60 if time_limit is not None else None, dropout=None if dropout is not None and dropout < 0 else dropout,
     )
     result = finetune(student, teacher=teacher, data=data, audio=audio, audio_subsets=subset_names(audio_subsets, "--audio-subsets"),
                       out=out, config=cfg, overwrite=overwrite, resume=resume, retain_checkpoints=retain_checkpoints)
@@ -102,7 +119,11 @@ def finetune_cmd(
     if fmt == OutputFormat.json:
         emit_json(result.to_dict())
     else:
-        rows = [["status", result.status], ["out", result.out], ["steps", f"{result.step}/{result.total_steps}"]]
+        rows = [["status", result.status], ["out", result.out], ["steps", f"{result.step}/{result.total_steps}"],
+                ["device", result.device + (f" x {result.distributed['processes']} ({result.distributed['type']})"
+                                            if result.distributed.get("processes", 1) > 1 else "")],
+                ["dtype", f"{result.dtype} (compute {result.precision}"
+                          + (f", teacher {result.teacher_dtype}" if result.teacher_dtype else "") + ")"]]
         if audio is not None:
             rows += [["audio seconds", round(result.audio_seconds, 1)], ["audio s/s", round(result.audio_seconds_per_second, 2)],
                      ["decoder tokens", result.tokens]]

@@ -6,7 +6,8 @@
 
 Pieces, one job each: `data` (read, tokenize, pack, split), `objectives` (losses), `params` (which
 parameters train), `progressive` (swap norms in one at a time), `checkpoint` (atomic save/resume),
-`loop` (the Accelerate loop), `report` (train_log.jsonl and the loss plot), `api` (`finetune`).
+`loop` (the Accelerate loop), `sharding` (what FSDP under `accelerate launch` needs: 0-dim parameters,
+full state dicts, CPU processes), `report` (train_log.jsonl and the loss plot), `api` (`finetune`).
 """
 from __future__ import annotations
 

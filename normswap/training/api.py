@@ -50,6 +50,13 @@ class FinetuneResult(LoopResult):
     token_losses: dict[str, Any] = field(default_factory=dict)
     # --progressive: {"order", "every", "fade", "sites": [{"path", "group", "start", "why"}, ...]}
     progressive: dict[str, Any] = field(default_factory=dict)
+    device: str = ""  # where the (main) process trained: "cpu", "cuda:0", "mps"
+    dtype: str = ""  # the saved weights' dtype (the student trains on float32 master weights)
+    precision: str = ""  # the arithmetic: "float32", or the mixed-precision dtype ("bfloat16", "float16")
+    teacher_dtype: str | None = None  # the teacher's weights (frozen; half under mixed precision)
+    gradient_checkpointing: bool = False
+    # how the processes shared the work: {"processes", "type": "single" | "ddp" | "fsdp", "fsdp_version"}
+    distributed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,11 +71,12 @@ def _one_run_per_folder(fn: Callable[..., FinetuneResult]) -> Callable[..., Fine
     def run(student: str | os.PathLike, *, out: str | os.PathLike, **kwargs: Any) -> FinetuneResult:
         from contextlib import nullcontext
 
-        from accelerate import PartialState
-
         from normswap.locking import folder_lock
 
-        with folder_lock(Path(out), "finetune") if PartialState().is_main_process else nullcontext():
+        config = kwargs.get("config")
+        spec = kwargs.get("device", getattr(config, "device", None) if config is not None else None)
+        state = start_state(spec)  # before anything else asks accelerate which process this is
+        with folder_lock(Path(out), "finetune") if state.is_main_process else nullcontext():
             return fn(student, out=out, **kwargs)
 
     return run
@@ -99,6 +107,14 @@ def finetune(
     `config` (or keyword overrides of its fields, e.g. `steps=100, objective="distill"`) sets the run.
     With `resume`, training continues from the newest checkpoint in `out` with the saved settings'
     data order, optimizer, scheduler and RNG, so the result matches an uninterrupted run.
+    `device` ("auto": the first accelerator, else the CPU; under a multi-process `accelerate launch`
+    the launcher places each process, and a conflicting explicit device is an error) and `dtype`
+    (the saved weights' and the teacher's dtype; "auto": the student checkpoint's own) are fields of
+    the config like the others. The student trains on float32 master weights, computing in
+    `precision` ("auto": the launcher's mixed precision, else a half `dtype`'s, else bf16/fp16 on
+    CUDA and float32 elsewhere). `gradient_checkpointing` recomputes activations in backward.
+    Under `accelerate launch` with an FSDP config the student and the teacher are sharded
+    (`normswap.training.sharding`); checkpoints and the final model are gathered whole.
     With `overwrite`, an existing `out` is replaced only once the new run is complete: until then
     the run lives in a staging folder beside it (see `work_folder`), which `resume` continues.
     Returns a FinetuneResult; an interrupted run (Ctrl-C) returns status "interrupted" after
@@ -111,7 +127,9 @@ def finetune(
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from normswap.devices import device_name
     from normswap.loading import is_converted, load_pretrained, load_tokenizer, read_record
+    from normswap.training.sharding import enable_cpu_fsdp, fsdp_version, gather_model_state, is_fsdp
 
     cfg = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
     unknown = set(overrides) - set(cfg.to_dict())
@@ -124,13 +142,12 @@ def finetune(
     student, data, audio = str(student), str(data) if data is not None else None, str(audio) if audio is not None else None
     source = audio if audio is not None else data
     teacher = str(teacher) if teacher is not None else None
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.progressive else []
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), kwargs_handlers=handlers)
-    if not accelerator.is_main_process:  # under `accelerate launch`: one process reports
+    state = start_state(cfg.device)
+    if not state.is_main_process:  # under `accelerate launch`: one process reports
         logger.setLevel(logging.WARNING)
     work = work_folder(out, overwrite=overwrite, resume=resume,
                        inputs={"student": student, "teacher": teacher, "data": data, "audio": audio})
-    accelerator.wait_for_everyone()  # every process has chosen `work` before the main one writes to it
+    state.wait_for_everyone()  # every process has chosen `work` before the main one writes to it
     if resume:
         _check_resume_config(work, cfg, student=student, teacher=teacher, data=data, audio=audio, audio_subsets=subsets)
     if (weights.get("distill", 0) > 0 or cfg.progressive) and teacher is None:
@@ -140,7 +157,18 @@ def finetune(
 
         speech = read_audio_folder(audio, subsets=subsets)
 
-    model = load_pretrained(student)
+    out_dtype = _saved_dtype(cfg.dtype, student)
+    mixed = _mixed_precision(cfg.precision, state.device.type, out_dtype)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.progressive else []
+    _fresh_accelerator_state(state, mixed)
+    accelerator = Accelerator(cpu=state.device.type == "cpu", mixed_precision=mixed, kwargs_handlers=handlers)
+    enable_cpu_fsdp(accelerator)  # an FSDP config on CPU processes: accelerate itself would not shard
+    fsdp = is_fsdp(accelerator)
+    sharding_version = fsdp_version(accelerator)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    teacher_dtype = half or out_dtype  # the frozen teacher runs in the lower precision
+
+    model = load_pretrained(student)  # float32: the master weights
     record = read_record(student)[0] if is_converted(student) else None
     if cfg.progressive and record is None:
         raise NormswapError(f"--progressive needs a converted student; {student} is a plain checkpoint")
@@ -153,9 +181,11 @@ def finetune(
                             f"{student} is a {type(model).__name__}")
     if audio is None and kind == "speech":
         raise NormswapError(f"{student} is a speech encoder-decoder ({type(model).__name__}): train it on speech with --audio DIR, not --data")
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model, student, accelerator)
     teacher_model = None
     if teacher is not None:
-        teacher_model = load_pretrained(teacher)
+        teacher_model = load_pretrained(teacher, dtype=teacher_dtype)
         if kind == "speech" and model_kind(teacher_model) != "speech":
             raise NormswapError(f"teacher {teacher} is a {type(teacher_model).__name__}, not a speech encoder-decoder like {student}")
         check_vocabularies(student, model, tokenizer, teacher, teacher_model, load_tokenizer(teacher))
@@ -201,12 +231,14 @@ def finetune(
     progressive, plan = None, {}
     if cfg.progressive:
         paths = wrap_sites(model, record, teacher_model, fallback_eps=_config_eps(model.config), order=cfg.swap_order)
+        model.to(torch.float32)  # the original norms come from the teacher, maybe in half precision
         schedule = Schedule(every=cfg.swap_every or default_every(total_steps, len(paths)), fade=cfg.fade_steps)
         progressive = (paths, schedule)
         plan = {"order": cfg.swap_order, "every": schedule.every, "fade": schedule.fade,
                 "sites": describe(record, cfg.swap_order, schedule)}
         _log_plan(plan, total_steps)
-    val_stats = kind == "causal" and audio is None and len(data_.val) > 0 and accelerator.is_main_process
+    causal_val = kind == "causal" and audio is None and len(data_.val) > 0
+    val_stats = causal_val and accelerator.is_main_process
     token_stats: dict[str, Any] = {}
     if val_stats:
         token_stats = _token_stats_before(model, teacher_model, data_, cfg, tokenizer, accelerator.device, progressive)
@@ -223,24 +255,52 @@ def finetune(
                 "config": cfg.to_dict(), **provenance()}, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
 
+    sharded = None
     try:
         try:
+            if fsdp:  # FSDP2 refuses 0-dim parameters (DyT's alpha): 1-element while sharded
+                from normswap.training.sharding import promote_scalars
+
+                sharded = promote_scalars(model)
             result = train_loop(model=model, teacher=teacher_model, objective=objective, data=data_, cfg=cfg,
                                 total_steps=total_steps, out=work, accelerator=accelerator, resume=resume,
-                                progressive=progressive, on_step=on_step)
+                                progressive=progressive, on_step=on_step, sharded=sharded)
         finally:
             if accelerator.is_main_process:
                 plot_losses(TrainLog(work).read(), work / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(source).name}")
-        final = FinetuneResult(out=str(out), objective=weights, config=cfg.to_dict(), token_losses=token_stats, progressive=plan,
-                               **asdict(result))
+        final = FinetuneResult(
+            out=str(out), objective=weights, config=cfg.to_dict(), token_losses=token_stats, progressive=plan,
+            device="cpu" if accelerator.device.type == "cpu" else device_name(accelerator.device), dtype=_dtype_name(out_dtype), precision=_dtype_name(half or torch.float32),
+            teacher_dtype=_dtype_name(teacher_dtype) if teacher_model is not None else None,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            distributed={"processes": accelerator.num_processes,
+                         "type": "fsdp" if fsdp else "ddp" if accelerator.num_processes > 1 else "single",
+                         **({"fsdp_version": sharding_version} if fsdp else {})},
+            **asdict(result))
         if result.status in ("completed", "time_limit"):
-            trained = accelerator.unwrap_model(model)
-            if progressive is not None:
-                unwrap_sites(trained, progressive[0])
+            if fsdp:  # gathered whole (a collective), rebuilt unsharded on the main process
+                if causal_val and progressive is None:  # every process runs the sharded forward
+                    after = _val_token_stats(model, data_, cfg, tokenizer)
+                    if val_stats:
+                        token_stats["after"] = after
+                full = gather_model_state(model, accelerator, sharded)
+                trained = _unsharded(student, full, progressive[0] if progressive else None) if accelerator.is_main_process else None
+                if val_stats and progressive is not None:
+                    token_stats["after"] = _val_token_stats(trained, data_, cfg, tokenizer)
+            else:
+                trained = accelerator.unwrap_model(model)
+                if progressive is not None:
+                    unwrap_sites(trained, progressive[0])
+                if val_stats:
+                    token_stats["after"] = _val_token_stats(trained, data_, cfg, tokenizer)
             if val_stats:
-                token_stats["after"] = _val_token_stats(trained, data_, cfg, tokenizer)
                 _log_token_stats(token_stats)
             if accelerator.is_main_process:
+                if cfg.gradient_checkpointing:
+                    off = getattr(trained, "activation_checkpointing_disable", None) or getattr(trained, "gradient_checkpointing_disable", None)
+                    if off is not None:
+                        off()
+                trained.to(out_dtype)
                 save_final(trained, work, record, tokenizer, student=student, teacher=teacher, data=source, result=final,
                            processor=processor)
             accelerator.wait_for_everyone()
@@ -439,15 +499,137 @@ def _config_eps(config: Any) -> float:
     return 1e-5
 
 
-def _mixed_precision(precision: str) -> str:
-    """fp32 on CPU; on GPU bf16 where supported, else fp16 (for precision="auto")."""
+def _mixed_precision(precision: str, device_type: str = "cuda" if torch.cuda.is_available() else "cpu",
+                     dtype: torch.dtype = torch.float32) -> str:
+    """Accelerate's mixed_precision for --precision. "auto": the launcher's config (`accelerate
+    launch` exports ACCELERATE_MIXED_PRECISION), else a half --dtype's own (float16 on CUDA only),
+    else bf16 on CUDA where supported (fp16 otherwise), else float32."""
     if precision == "fp32":
         return "no"
     if precision in ("bf16", "fp16"):
         return precision
-    if torch.cuda.is_available():
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launcher in ("bf16", "fp16"):
+        return launcher
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16 and device_type == "cuda":
+        return "fp16"
+    if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _saved_dtype(spec: str, student: str) -> torch.dtype:
+    """The saved weights' dtype: `spec`, or for "auto" the student checkpoint's own (the dominant
+    floating dtype of its stored tensors; float32 where it has none of DTYPES)."""
+    from normswap.conversion import resolve_dtypes
+    from normswap.loading import check_source, load_config
+
+    local = check_source(student)
+    return resolve_dtypes(spec, source=local, config=None if local is not None else load_config(student))[0]
+
+
+def start_state(spec: str | None) -> Any:
+    """Accelerate's process state, started for `--device spec`; returns it (a PartialState).
+
+    One process: `spec` resolved here (`normswap.devices.resolve_device`: a named device that is
+    absent is an error); a state left by an earlier run in this Python process on another device
+    is reset. Several processes (`accelerate launch`, torchrun): the launcher has placed each one
+    (its GPU by local rank, or the CPU with `use_cpu` or on a machine without accelerators), so an
+    explicit device of another kind, or any device index, is an error.
+    """
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    from normswap.devices import check_device, resolve_device
+
+    spec = check_device(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+        auto = resolve_device("auto")
+        launcher = "cpu" if use_cpu or auto.type == "cpu" else auto.type
+        if spec != "auto" and (":" in spec or spec != launcher):
+            where = "its GPU by local rank (cuda:LOCAL_RANK)" if launcher == "cuda" else f"the {launcher}"
+            raise NormswapError(f"--device {spec}: under accelerate launch with {world} processes the launcher places each "
+                                f"process on {where}; drop --device (or give auto or {launcher}), or change the accelerate config")
+        return PartialState(cpu=launcher == "cpu")
+    device = resolve_device(spec)
+    if PartialState._shared_state:
+        now = PartialState().device
+        if now.type != device.type or (device.type == "cuda" and (now.index if now.index is not None else torch.cuda.current_device())
+                                       != device.index):
+            AcceleratorState._reset_state(reset_partial_state=True)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
+    return PartialState(cpu=device.type == "cpu")
+
+
+def _fresh_accelerator_state(state: Any, mixed: str) -> None:
+    """One process (a library caller, a test, a notebook) may run several fine-tunes: accelerate
+    refuses a second Accelerator with another mixed precision, so the earlier run's state goes.
+    (Under a multi-process launch the state is the launcher's, never reset.)"""
+    from accelerate.state import AcceleratorState
+
+    if state.num_processes > 1 or not AcceleratorState._shared_state:
+        return
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state()
+
+
+def _enable_gradient_checkpointing(model: nn.Module, student: str, accelerator: Any) -> None:
+    """--gradient-checkpointing: transformers' own, non-reentrant (it works with frozen parameters
+    and with FSDP); a model class without it is an error."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if is_fsdp_state(accelerator) else None
+    if plugin is not None and getattr(plugin, "activation_checkpointing", False):
+        logger.info("--gradient-checkpointing: the FSDP config's fsdp_activation_checkpointing already recomputes activations")
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False) or not (
+            hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")):
+        raise NormswapError(f"--gradient-checkpointing: {type(model).__name__} ({student}) does not support gradient "
+                            "checkpointing; run without it (or use FSDP's fsdp_activation_checkpointing)")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+
+
+def is_fsdp_state(accelerator: Any) -> bool:
+    from normswap.training.sharding import is_fsdp
+
+    return is_fsdp(accelerator)
+
+
+def _unsharded(student: str, state: dict[str, torch.Tensor], fade_paths: list[str] | None) -> nn.Module:
+    """The trained model rebuilt whole on the main process from a gathered FSDP state dict: a fresh
+    copy of the student's architecture (after --progressive, the FadeNorm scaffolding dropped: each
+    site keeps its new module), loaded strictly."""
+    from normswap.loading import load_pretrained
+
+    if fade_paths:
+        renamed: dict[str, torch.Tensor] = {}
+        for k, v in state.items():
+            site = next((p for p in fade_paths if k.startswith(p + ".")), None)
+            if site is None:
+                renamed[k] = v
+            elif k.startswith(site + ".new."):
+                renamed[site + "." + k[len(site) + 5:]] = v
+        state = renamed
+    model = load_pretrained(student)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise NormswapError(f"the gathered FSDP state does not fit {student}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def _total_steps(cfg: TrainConfig, data: TrainData, nproc: int) -> int:

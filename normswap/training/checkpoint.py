@@ -93,9 +93,13 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: Any, state: dict[str, Any],
-                    accelerator: Any, keep: int) -> Path:
-    """Write checkpoint `step` atomically (all processes call this); prune to the newest `keep`."""
-    from safetensors.torch import save_model
+                    accelerator: Any, keep: int, sharded: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """Write checkpoint `step` atomically (all processes call this); prune to the newest `keep`.
+
+    `sharded` (FSDP: the promoted scalars' original shapes, see `normswap.training.sharding`): the
+    weights and the optimizer state are gathered whole first (a collective), then written by the
+    main process like an unsharded run's; the optimizer state is then keyed by parameter name."""
+    from safetensors.torch import save_file, save_model
 
     from normswap.outputs import apply_umask
 
@@ -107,10 +111,21 @@ def save_checkpoint(out: Path, step: int, *, model: nn.Module, optimizer: Any, s
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    weights = optim = None
+    if sharded is not None:
+        from normswap.training.sharding import gather_model_state, gather_optimizer_state
+
+        weights = gather_model_state(model, accelerator, sharded)
+        optim = gather_optimizer_state(model, optimizer)
+        state = {**state, "optimizer_keys": "names"}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if weights is not None:
+            save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            torch.save(optim, tmp / OPTIMIZER_FILE)
+        else:
+            save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=1, default=str) + "\n")
         apply_umask(tmp)  # safetensors writes 0600 files
@@ -211,25 +226,33 @@ def _check_file(path: Path, name: str, files: dict[str, Any] | None) -> Path:
     return f
 
 
-def _read_model(path: Path, f: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, checked against `model`: same names (up to tied weights), same shapes, finite."""
+def _read_model(path: Path, f: Path, model: nn.Module, sharded: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, checked against `model`: same names (up to tied weights), same shapes, finite.
+    `sharded`: the model is an FSDP one (global shapes from its state dict, every name saved)."""
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(f), device="cpu")
     except Exception as err:  # safetensors raises its own error type for a bad header or a short file
         raise DamagedCheckpoint(path, f"{f} is not a readable safetensors file ({err})") from None
-    expected = model.state_dict()
-    unexpected = sorted(set(tensors) - set(expected))
+    if sharded is not None:
+        from normswap.training.sharding import model_shapes
+
+        shapes = model_shapes(model, sharded)
+        missing = [k for k in shapes if k not in tensors]
+    else:
+        expected = model.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in expected.items()}
+        present = {expected[k].data_ptr(): k for k in tensors if k in expected}
+        missing = [k for k in expected if k not in tensors and expected[k].data_ptr() not in present]  # tied weights are saved once
+    unexpected = sorted(set(tensors) - set(shapes))
     if unexpected:
         raise DamagedCheckpoint(path, f"{f} holds tensors the model does not have ({', '.join(unexpected[:3])})")
-    present = {expected[k].data_ptr(): k for k in tensors}
-    missing = [k for k in expected if k not in tensors and expected[k].data_ptr() not in present]  # tied weights are saved once
     if missing:
         raise DamagedCheckpoint(path, f"{f} lacks tensors of the model ({', '.join(missing[:3])})")
     for k, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise DamagedCheckpoint(path, f"{f}: {k} has shape {tuple(t.shape)}, the model {tuple(expected[k].shape)}")
+        if tuple(t.shape) != shapes[k]:
+            raise DamagedCheckpoint(path, f"{f}: {k} has shape {tuple(t.shape)}, the model {shapes[k]}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise DamagedCheckpoint(path, f"{f}: {k} holds non-finite values")
     return tensors
@@ -295,7 +318,7 @@ def _read_rng(path: Path, f: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, accelerator: Any,
-                    scheduler: Any = None) -> dict[str, Any]:
+                    scheduler: Any = None, sharded: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Restore model, optimizer, scheduler (if given), scaler and this process's RNG from `path`;
     returns its state.json. Everything is read and checked first; a fault raises DamagedCheckpoint
     (then the objects may be partly restored, to be overwritten by an older checkpoint)."""
@@ -303,7 +326,11 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, accelerator
     files = state.get("files")
     unwrapped = accelerator.unwrap_model(model)
     rank = accelerator.process_index
-    tensors = _read_model(path, _check_file(path, MODEL_FILE, files), unwrapped)
+    tensors = _read_model(path, _check_file(path, MODEL_FILE, files), unwrapped, sharded)
+    by_names = state.get("optimizer_keys") == "names"
+    if by_names != (sharded is not None):
+        raise NormswapError(f"cannot resume from {path}: it was saved by a{'' if by_names else 'n un'}sharded (FSDP) run, and this run is "
+                            f"{'not ' if sharded is None else ''}sharded; resume it the way it was started")
     opt = _read_optimizer(path, _check_file(path, OPTIMIZER_FILE, files), optimizer)
     rng_name = f"rng-{rank}.pt"
     rng = None
@@ -312,7 +339,12 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, accelerator
     sched = _scheduler_state(path, state["scheduler"], scheduler) if scheduler is not None else None
     scaler = getattr(accelerator, "scaler", None)
     try:
-        optimizer.load_state_dict(opt)
+        if sharded is not None:
+            from normswap.training.sharding import load_optimizer_state
+
+            load_optimizer_state(model, optimizer, opt)
+        else:
+            optimizer.load_state_dict(opt)
     except Exception as err:
         raise DamagedCheckpoint(path, f"{path / OPTIMIZER_FILE} does not fit the optimizer ({err})") from None
     if sched is not None:
@@ -322,7 +354,12 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, accelerator
             scaler.load_state_dict(state["scaler"])
         except Exception as err:
             raise DamagedCheckpoint(path, f"{path / STATE_FILE}: bad gradient-scaler state ({err})") from None
-    unwrapped.load_state_dict(tensors, strict=False)  # names and shapes checked above; tied weights follow
+    if sharded is not None:
+        from normswap.training.sharding import load_model_state
+
+        load_model_state(model, tensors, sharded)
+    else:
+        unwrapped.load_state_dict(tensors, strict=False)  # names and shapes checked above; tied weights follow
     if rng is not None:
         try:
             _set_rng_state(rng)
@@ -332,7 +369,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Any, accelerator
 
 
 def resume_checkpoint(out: Path, *, model: nn.Module, optimizer: Any, accelerator: Any,
-                      scheduler: Any = None) -> tuple[Path, dict[str, Any]]:
+                      scheduler: Any = None, sharded: dict[str, tuple[int, ...]] | None = None) -> tuple[Path, dict[str, Any]]:
     """Restore the newest intact checkpoint of `out` (skipping damaged ones with a warning that
     names the checkpoint and what is wrong); returns it and its state. Raises NormswapError (one
     line, every checkpoint and its fault) if none is intact. All processes take the same one."""
@@ -343,7 +380,8 @@ def resume_checkpoint(out: Path, *, model: nn.Module, optimizer: Any, accelerato
     for i, ckpt in enumerate(reversed(found)):
         reason, state = None, None
         try:
-            state = load_checkpoint(ckpt, model=model, optimizer=optimizer, accelerator=accelerator, scheduler=scheduler)
+            state = load_checkpoint(ckpt, model=model, optimizer=optimizer, accelerator=accelerator, scheduler=scheduler,
+                                    sharded=sharded)
         except DamagedCheckpoint as err:
             reason = err.reason
         if accelerator.num_processes > 1:  # a file one process cannot read makes the checkpoint unusable for all

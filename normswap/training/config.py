@@ -10,6 +10,8 @@ from normswap.errors import NormswapError
 
 # progressive swap orders (normswap.training.progressive.swap_order; kept here, torch-free, for recipe validation)
 SWAP_ORDERS = ("published", "forward")
+# normswap.conversion.DTYPE_CHOICES, spelt out here so that recipe validation needs no torch
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
@@ -56,6 +58,10 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     dropout: float | None = 0.0  # None keeps the model's dropout; 0 matches the teacher exactly
     max_seconds: float | None = None  # wall-clock limit: stop early (keeping the model) when reached
+    # where and in what the run happens (none of them changes which examples a step sees: not checked on resume)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (normswap.devices); under a multi-process launch the launcher's
+    dtype: str = "auto"  # the saved weights' (and the teacher's) dtype: auto (the checkpoint's own) | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # recompute activations in backward (model.gradient_checkpointing_enable)
 
     # fields that change which examples a step sees, or the schedule: checked on --resume
     RESUME_KEYS = ("objective", "steps", "batch_size", "grad_accum", "block_size", "packing", "seed",
@@ -113,5 +119,11 @@ class TrainConfig:
             raise NormswapError(f"unknown --swap-order {self.swap_order!r} (use {' or '.join(SWAP_ORDERS)})")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise NormswapError(f"unknown --precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
+        from normswap.devices import check_device
+
+        self.device = check_device(self.device)
+        if str(self.dtype).removeprefix("torch.") not in DTYPE_NAMES:
+            raise NormswapError(f"unknown --dtype {str(self.dtype)[:40]!r}: choose one of {', '.join(DTYPE_NAMES)}")
+        self.dtype = str(self.dtype).removeprefix("torch.")
         if self.block_size is not None and self.block_size < 2:
             raise NormswapError("--block-size must be at least 2")

@@ -170,25 +170,45 @@ def train_loop(
     resume: bool = False,
     progressive: tuple[list[str], Schedule] | None = None,
     on_step: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
+    sharded: dict[str, tuple[int, ...]] | None = None,
 ) -> LoopResult:
     """Train `model` for `total_steps` optimizer steps (continuing from the newest checkpoint if `resume`).
 
     `on_step(step, info, model)` is called after every optimizer step (for callers that watch or
     steer a run: tests, notebooks).
+
+    Under FSDP (`accelerate launch` with an FSDP config) the student is sharded by Accelerate, and
+    so is a teacher (frozen, in the weights' dtype it was given: a half dtype under bf16/fp16 mixed
+    precision, with the same offload policy); `sharded` holds the original shapes of the scalar
+    parameters made 1-element for FSDP (`normswap.training.sharding.promote_scalars`, applied here
+    when the caller has not).
     """
     from tqdm.auto import tqdm
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed, device_specific=True)  # dropout draws: same seed, same run (resume restores the saved state)
+    from normswap.training.sharding import is_fsdp, promote_scalars
+
     set_dropout(model, cfg.dropout)
     model.train()
+    fsdp = is_fsdp(accelerator)
+    if fsdp and sharded is None:
+        sharded = promote_scalars(model)
+    if not fsdp:
+        sharded = None
     if teacher is not None:
         teacher.eval()
-        teacher.to(accelerator.device)
+        teacher.requires_grad_(False)  # frozen: never in the optimizer, no gradients kept
+        if not fsdp:
+            teacher.to(accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps(cfg, total_steps), cfg.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if teacher is not None and fsdp:  # sharded (and offloaded) like the student; it only runs forward
+        promote_scalars(teacher)
+        teacher = accelerator.prepare(teacher)
+        teacher.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     main = accelerator.is_main_process
@@ -197,7 +217,7 @@ def train_loop(
     resumed_from: Path | None = None
     if resume:  # the newest intact checkpoint: damaged ones are skipped with a warning
         resumed_from, state = resume_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                accelerator=accelerator)
+                                                accelerator=accelerator, sharded=sharded)
         ckpt = resumed_from
         step, tokens, seconds = int(state["step"]), int(state["tokens"]), float(state.get("audio_seconds", 0.0))
         log.truncate_after(step)
@@ -222,7 +242,7 @@ def train_loop(
 
     def checkpoint() -> Path:
         return save_checkpoint(out, step, model=model, optimizer=optimizer, state=state_dict(),
-                               accelerator=accelerator, keep=cfg.keep_checkpoints)
+                               accelerator=accelerator, keep=cfg.keep_checkpoints, sharded=sharded)
 
     with _signals_to_flag(flag):
         while step < total_steps:
