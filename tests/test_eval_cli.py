@@ -43,7 +43,10 @@ def test_perplexity_json_and_results_folder(env, tmp_path, monkeypatch, capsys):
     assert p["tokens"] == p["text_tokens"] - 1 > 1000
     assert p["value"] > 1000  # random tiny model: near the vocabulary size
     assert abs(p["delta"]) < 1e-3 * p["baseline"]
+    # --device / --dtype default to auto: the results say what that meant (float32 checkpoints)
+    assert res["dtype"] == res["compute_dtype"] == "float32" and res["device"] and res["placement"]["requested_dtype"] == "auto"
     saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["device"] == "auto" and saved["config"]["dtype"] == "auto"
     assert saved["config"]["stride"] == 32 and saved["config"]["model"] == str(env["gpt2_rms"])
     assert saved["versions"]["torch"] and saved["versions"]["transformers"] and saved["date"][:2] == "20"
     assert "git" in saved and saved["results"]["ppl"]["tokens"] == p["tokens"]

@@ -400,8 +400,8 @@ def test_nan_logits_from_a_patched_forward_give_an_error(env, monkeypatch, capsy
     """The same through a forward hook, independent of whatever the loader checks in weights."""
     real = runner._load_lm
 
-    def nan_lm(path):
-        model, kind = real(path)
+    def nan_lm(path, *args, **kwargs):
+        model, kind = real(path, *args, **kwargs)
         model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
         return model, kind
 
@@ -414,8 +414,8 @@ def test_nan_logits_from_a_patched_forward_give_an_error(env, monkeypatch, capsy
 def test_infinite_logits_give_an_error_through_the_api(env, monkeypatch):
     real = runner._load_lm
 
-    def inf_lm(path):
-        model, kind = real(path)
+    def inf_lm(path, *args, **kwargs):
+        model, kind = real(path, *args, **kwargs)
         model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([5]), float("inf")))
         return model, kind
 

@@ -5,6 +5,12 @@
     normswap eval minilm-dyt --baseline all-MiniLM-L6-v2 --sts glue/STS-B/dev.tsv
     normswap eval whisper-rms --baseline whisper-tiny.en --asr librispeech-subset --out results/
     normswap eval gpt2-dyt --baseline gpt2 --tasks piqa,arc_easy,hellaswag --tasks-data zeroshot/ --limit 500 --out results/
+    normswap eval gpt2-rms --baseline gpt2 --ppl wiki.test.raw --device cuda --dtype bfloat16
+
+Both models run on --device (auto: the first accelerator, else the CPU) with their weights in
+--dtype (auto: each checkpoint's own). An explicit --dtype is also the arithmetic dtype, on the CPU
+too; with auto, half-precision weights on the CPU are computed in float32 (an exact upcast). The
+results state the device, the weights' dtype and the compute dtype.
 
 Results go to stdout (a table, or one JSON object with --format json); logs and progress to stderr.
 With --out: results.json (config, versions, git hash, date, per-seed numbers), per-example
@@ -68,10 +74,17 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt [default: each task's own, 0]."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for results.json, predictions/ and deltas.png (must not exist unless --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder (once the new results are complete)."),
+    device: str = typer.Option("auto", "--device", help="Where both models run: auto (the first accelerator, else the CPU), cpu, cuda, "
+                               "cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="Both models' weights and arithmetic: auto (each checkpoint's own dtype; half "
+                              "precision computed in float32 on the CPU), float32, bfloat16 or float16."),
     threads: Optional[int] = THREADS_OPTION,
     fmt: OutputFormat = FORMAT_OPTION,
 ) -> None:
     setup_runtime(threads)
+    from normswap.evaluation import placement
+
+    device, dtype = placement.check(device, dtype)  # the form only: one error line before anything loads
     from normswap.evaluation.glue import GlueSettings
     from normswap.audio import subset_names
     from normswap.evaluation.runner import EvalRequest, run_eval
@@ -91,6 +104,7 @@ def eval_cmd(
         glue_settings=GlueSettings(**given), glue_mode=glue_mode, glue_protocol=glue_protocol, glue_given=given,
         tasks=TaskSettings(names=zs_tasks, data=tasks_data, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
                            batch_size=8 if batch_size is None else batch_size) if zs_tasks is not None else None,
+        device=device, dtype=dtype,
     )
     res = run_eval(req)
     if fmt == OutputFormat.json:
@@ -169,11 +183,25 @@ def render(res: dict[str, Any]) -> str:
             b = st["bootstrap"]
             note += f"; delta 95% CI: paired bootstrap over documents, {b['resamples']} resamples, seed {b['seed']}; * = excludes 0"
         notes.append(note)
+    if res.get("device"):
+        notes.append(_placement_note(res))
     headers = ["part", "task", "metric", "baseline", "converted", "delta"] + (["delta 95% CI"] if any(len(r) > 6 and r[6] for r in rows) else [])
     text = table([(r + [""] * (len(headers) - len(r)))[:len(headers)] for r in rows], headers)
     if res.get("results_file"):
         notes.append(f"results: {res['results_file']}")
     return text + "\n\n" + "\n".join(notes)
+
+
+def _placement_note(res: dict[str, Any]) -> str:
+    """"device cpu, dtype bfloat16 (compute bfloat16)", with each model's dtypes when they differ."""
+    note = f"device {res['device']}, dtype {res.get('dtype')} (compute {res.get('compute_dtype')})"
+    p = res.get("placement") or {}
+    if p.get("requested_dtype") == "auto":
+        note += "; --dtype auto: each checkpoint's own" + ("; half precision computed in float32 on the CPU" if res["device"] == "cpu" else "")
+    models = p.get("models") or {}
+    if len({(m.get("dtype"), m.get("compute_dtype")) for m in models.values()}) > 1:
+        note += "; " + ", ".join(f"{role} {m.get('dtype')} (compute {m.get('compute_dtype')})" for role, m in models.items())
+    return note
 
 
 def _v(x: Any) -> str:

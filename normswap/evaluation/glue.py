@@ -16,6 +16,7 @@ the delta is within either.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -184,10 +185,14 @@ def _length_grouped_batches(data: Encoded, batch_size: int, gen: torch.Generator
 
 
 def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed: int, pad_id: int, progress: bool | None = None,
-          name: str = "the model") -> tuple[int, int]:
+          name: str = "the model", compute: torch.dtype | None = None) -> tuple[int, int]:
     """Fine-tune `model` in place; returns (optimizer steps, padded training tokens). A NaN or
-    infinite loss is an error naming `name`, the task, the seed and the step."""
+    infinite loss is an error naming `name`, the task, the seed and the step. `compute`, a half
+    dtype, runs the passes under autocast in it (the weights stay as they are: float32 masters),
+    float16 with loss scaling."""
     device = next(model.parameters()).device
+    amp = _autocast(device, compute)
+    scaler = torch.amp.GradScaler(device.type) if compute == torch.float16 else None
     n = len(data.labels)
     steps_per_epoch = math.ceil(n / s.batch_size)
     total = max(1, math.ceil(s.epochs * steps_per_epoch))
@@ -202,15 +207,23 @@ def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed
                 break
             batch = _batch(data, idx, pad_id, task.is_regression)
             labels = batch.pop("labels").to(device)
-            logits = model(**{key: v.to(device) for key, v in batch.items()}).logits
-            loss = _loss(logits, labels, task.is_regression)
+            with amp():
+                logits = model(**{key: v.to(device) for key, v in batch.items()}).logits
+            loss = _loss(logits.float(), labels, task.is_regression)
             if not torch.isfinite(loss):
                 why = ("before any update, so the model's outputs are not finite" if step == 0 else "; try a lower --lr")
                 raise NormswapError(f"GLUE {task.name} fine-tuning of {name} (seed {seed}): the training loss became {loss.item()} "
                                     f"at step {step}{'' if step else ' '}{why}")
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
             tokens += batch["input_ids"].numel()
@@ -222,12 +235,20 @@ def train(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, seed
     return step, tokens
 
 
+def _autocast(device: torch.device, compute: torch.dtype | None) -> Any:
+    """A factory of autocast contexts in `compute` when it is a half dtype, else of no-ops."""
+    if compute in (torch.float16, torch.bfloat16):
+        return lambda: torch.autocast(device_type=device.type, dtype=compute)
+    return contextlib.nullcontext
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pad_id: int, progress: bool | None = None,
-            name: str = "the model") -> list[float]:
+            name: str = "the model", compute: torch.dtype | None = None) -> list[float]:
     """Dev predictions in example order: label ids, or scores for regression (batched by length).
     Non-finite logits are an error naming `name` (their argmax would be a meaningless label)."""
     device = next(model.parameters()).device
+    amp = _autocast(device, compute)
     model.eval()
     order = sorted(range(len(data.labels)), key=lambda i: len(data.input_ids[i]))
     preds: list[float] = [0.0] * len(order)
@@ -236,7 +257,8 @@ def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pa
         idx = order[k:k + s.eval_batch_size]
         batch = _batch(data, idx, pad_id, task.is_regression)
         batch.pop("labels")
-        logits = model(**{key: v.to(device) for key, v in batch.items()}).logits.float()
+        with amp():
+            logits = model(**{key: v.to(device) for key, v in batch.items()}).logits.float()
         if not bool(torch.isfinite(logits).all()):
             raise NormswapError(f"GLUE {task.name}: {name} produces non-finite (NaN or infinite) outputs on the dev split")
         out = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
@@ -247,8 +269,9 @@ def predict(model: nn.Module, data: Encoded, task: GlueTask, s: GlueSettings, pa
     return preds
 
 
-def load_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.Module:
-    """The model with a fresh classification head for `task`, initialised from `seed`."""
+def load_classifier(name_or_path: str, task: GlueTask, seed: int, dtype: Any = torch.float32) -> nn.Module:
+    """The model with a fresh classification head for `task`, initialised from `seed`, its weights
+    in `dtype` (float32 by default; "auto": the checkpoint's own)."""
     import transformers
 
     from normswap.loading import load_pretrained
@@ -258,21 +281,21 @@ def load_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.Module:
     try:
         try:
             labels = task.labels or ("score",)
-            return load_pretrained(name_or_path, auto_class=auto, allow_new_head=True, num_labels=task.num_labels,
+            return load_pretrained(name_or_path, auto_class=auto, allow_new_head=True, num_labels=task.num_labels, dtype=dtype,
                                    id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
         except TypeError as err:
             if "unexpected keyword argument" not in str(err):
                 raise
             # load_pretrained passes `config=` to from_pretrained for plain models, so num_labels
             # reaches the model's __init__ instead of the config: set it on the config ourselves.
-            return _load_plain_classifier(name_or_path, task, seed)
+            return _load_plain_classifier(name_or_path, task, seed, dtype)
     except (NormswapError, ValueError) as err:
         if "Unrecognized configuration class" in str(err) or "ForSequenceClassification" in str(err):
             raise NormswapError(f"{name_or_path} has no sequence-classification head in transformers, so it cannot run GLUE") from None
         raise
 
 
-def _load_plain_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.Module:
+def _load_plain_classifier(name_or_path: str, task: GlueTask, seed: int, dtype: Any = torch.float32) -> nn.Module:
     """Plain (unconverted) checkpoint with a fresh head of `task.num_labels` outputs; safetensors only."""
     import transformers
 
@@ -285,7 +308,7 @@ def _load_plain_classifier(name_or_path: str, task: GlueTask, seed: int) -> nn.M
     torch.manual_seed(seed)
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, config=config, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
+            name_or_path, config=config, use_safetensors=True, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise NormswapError(f"cannot load {name_or_path} for sequence classification: {str(err).strip().splitlines()[0][:300]}") from None
     prefix = model.base_model_prefix
@@ -304,14 +327,33 @@ def run_task_seed(
     settings: GlueSettings,
     seed: int,
     progress: bool | None = None,
+    place: Any = None,
+    precision: dict[str, Any] | None = None,
 ) -> GlueRun:
-    """Load, fine-tune and score one model on one task with one seed."""
+    """Load, fine-tune and score one model on one task with one seed.
+
+    `place` (a `normswap.evaluation.placement.Placement`; None: float32 on the CPU, as before)
+    sets the device and the dtype: the weights are loaded in its dtype, then trained as float32
+    masters with the passes under autocast in the compute dtype when that is a half dtype.
+    `precision`, if given, receives the dtypes it ran in."""
     t0 = time.perf_counter()
-    model = load_classifier(name_or_path, task, seed)
+    compute = None
+    if place is None:
+        model = load_classifier(name_or_path, task, seed)
+    else:
+        from normswap.evaluation.placement import weights_dtype
+
+        model = load_classifier(name_or_path, task, seed, dtype=place.load_dtype)
+        weights = weights_dtype(model)
+        compute = place.compute_dtype(weights)
+        model = model.float().to(place.device)
+        if precision is not None:
+            precision.update(dtype=str(weights).replace("torch.", ""), compute_dtype=str(compute).replace("torch.", ""),
+                             master_weights="float32", autocast=compute in (torch.float16, torch.bfloat16))
     pad_id = prepare_padding(model, tokenizer)
     torch.manual_seed(seed)  # dropout stream, independent of how much randomness loading used
-    steps, tokens = train(model, train_data, task, settings, seed, pad_id, progress, name=name_or_path)
-    preds = predict(model, dev_data, task, settings, pad_id, progress, name=name_or_path)
+    steps, tokens = train(model, train_data, task, settings, seed, pad_id, progress, name=name_or_path, compute=compute)
+    preds = predict(model, dev_data, task, settings, pad_id, progress, name=name_or_path, compute=compute)
     metrics = scored(task, preds, dev_data.labels, name_or_path, seed)
     seconds = time.perf_counter() - t0
     logger.info("%s %s seed %d: %s (%d steps, %.0f s)", task.name, name_or_path, seed,

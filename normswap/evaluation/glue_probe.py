@@ -25,6 +25,7 @@ scores sit below fine-tuned ones, but they take minutes on a CPU and move with t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.evaluation import bootstrap, glue, glue_data, sts
+from normswap.evaluation import bootstrap, glue, glue_data, placement, sts
 from normswap.evaluation.glue_data import GlueExample, GlueTask
 from normswap.log import logger
 
@@ -121,13 +122,14 @@ def probe_settings(task: GlueTask | str) -> ProbeSettings:
 # ------------------------------------------------------------------------------------------ features
 
 
-def load_encoder(name_or_path: str) -> nn.Module:
-    """The bare encoder (AutoModel: no head), plain or converted, in eval mode."""
+def load_encoder(name_or_path: str, dtype: Any = torch.float32) -> nn.Module:
+    """The bare encoder (AutoModel: no head), plain or converted, in eval mode, its weights in
+    `dtype` (float32 by default; "auto": the checkpoint's own)."""
     import transformers
 
     from normswap.loading import load_pretrained
 
-    return load_pretrained(name_or_path, auto_class=transformers.AutoModel).eval()
+    return load_pretrained(name_or_path, auto_class=transformers.AutoModel, dtype=dtype).eval()
 
 
 def pair_features(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -256,6 +258,8 @@ def run_probe_task_seed(
     seed: int,
     progress: bool | None = None,
     cache: dict[Any, dict[str, np.ndarray]] | None = None,
+    place: Any = None,
+    precision: dict[str, Any] | None = None,
 ) -> glue.GlueRun:
     """Probe one model on one task with one seed: `train_samples` rows drawn with `seed` from
     `train_rows`, features, a cross-validated linear head, dev predictions and GLUE metrics.
@@ -263,6 +267,9 @@ def run_probe_task_seed(
     `cache` (optional, kept by the caller across seeds and roles) maps (name_or_path,
     max_seq_length) to the model's features by text, so later seeds embed only the rows they add
     (and load no model when nothing is new). Only share one while the model folders stay unchanged.
+
+    `place` (a `normswap.evaluation.placement.Placement`; None: float32 on the CPU, as before)
+    sets the encoder's device and dtype; `precision`, if given, receives the dtypes it ran in.
     """
     settings.validate()
     t0 = time.perf_counter()
@@ -271,11 +278,14 @@ def run_probe_task_seed(
     texts = {t for r in list(rows) + list(dev_rows) for t in r.texts}
     model = None
     if not texts <= store.keys():
-        model = load_encoder(name_or_path)
+        model = load_encoder(name_or_path) if place is None else load_encoder(name_or_path, dtype=place.load_dtype)
         glue.prepare_padding(model, tokenizer)
     try:
-        x_train = features(model, tokenizer, rows, settings, name=name_or_path, progress=progress, cache=store)
-        x_dev = features(model, tokenizer, dev_rows, settings, name=name_or_path, progress=progress, cache=store)
+        with contextlib.ExitStack() as stack:
+            if model is not None and place is not None:
+                model = stack.enter_context(placement.placed(model, place, precision))
+            x_train = features(model, tokenizer, rows, settings, name=name_or_path, progress=progress, cache=store)
+            x_dev = features(model, tokenizer, dev_rows, settings, name=name_or_path, progress=progress, cache=store)
     finally:
         del model
     y_train = np.asarray([r.label for r in rows], dtype=np.float64 if task.is_regression else np.int64)

@@ -3,6 +3,11 @@
 Everything that can be checked cheaply (task names, data files, text, tokenizers, heads, window
 length) is checked before any long work starts, so a mistake costs seconds, not a fine-tuning run.
 Models are loaded one at a time where possible to keep memory at one model.
+
+Where and in which precision the models run is `device` and `dtype` (`normswap.evaluation.placement`):
+both models on the same device, in the same dtype; the results state the device, the weights'
+dtype and the dtype the arithmetic ran in (`device`, `dtype`, `compute_dtype`, and per model under
+`placement`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch import nn
 
 from normswap import audio
 from normswap.errors import NormswapError
-from normswap.evaluation import asr as asr_eval, checks, glue, glue_data, perplexity, results, sts
+from normswap.evaluation import asr as asr_eval, checks, glue, glue_data, perplexity, placement, results, sts
 from normswap.evaluation.glue import GlueSettings
 from normswap.evaluation.zeroshot import TaskSettings
 from normswap.log import logger
@@ -57,13 +62,16 @@ class EvalRequest:
     out: str | None = None
     overwrite: bool = False  # replace an existing `out` (once the new results are complete)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (normswap.devices): every model runs there
+    dtype: str = "auto"  # auto (each checkpoint's own) | float32 | bfloat16 | float16 (normswap.evaluation.placement)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _placement(req: EvalRequest) -> placement.Placement:
+    """Where the request's models run and in which dtype (an absent device is an error)."""
+    return placement.resolve(req.device, req.dtype)
 
 
 def _models(req: EvalRequest) -> list[tuple[str, str]]:
@@ -74,6 +82,8 @@ def _models(req: EvalRequest) -> list[tuple[str, str]]:
 def _validate(req: EvalRequest) -> tuple[Any, list[glue_data.GlueTask]]:
     if not (req.ppl or req.sts or req.glue or req.asr or req.tasks):
         raise NormswapError("nothing to evaluate: give --ppl FILE, --sts FILE, --glue TASKS, --tasks TASKS and/or --asr DIR")
+    req.device, req.dtype = placement.check(req.device, req.dtype)  # the form, then whether the device is here
+    _placement(req)
     if req.out:
         check_output(req.out, overwrite=req.overwrite, inputs=_inputs(req))
     tasks: list[glue_data.GlueTask] = []
@@ -198,6 +208,7 @@ def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text:
               out: Path | None, t0: float, speech: AsrInputs | None = None, specs: list[Any] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"model": req.model, "baseline": req.baseline}
     details: dict[str, Any] = {}
+    place = _placement(req)
     if text is not None:
         res["ppl"] = run_perplexity(req, tok, text)
     if pairs is not None:
@@ -207,9 +218,17 @@ def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text:
     if specs is not None:
         from normswap.evaluation import zeroshot
 
-        res["tasks"], res["tasks_settings"] = zeroshot.run_tasks(_models(req), req.tasks, specs, out, req.progress)
+        res["tasks"], res["tasks_settings"] = zeroshot.run_tasks(_models(req), req.tasks, specs, out, req.progress,
+                                                                 device=place.device, dtype=place.dtype)
     if tasks:
         res["glue"], res["glue_settings"], details["glue_runs"] = run_glue(req, tok, tasks, out)
+    per_role: dict[str, dict[str, Any]] = {}
+    glue_precision = ((res.get("glue_settings") or {}).get("precision") or {}).get("models") or {}
+    for part in (res.get("ppl"), res.get("sts"), res.get("asr"), res.get("tasks_settings"), {"precision": glue_precision}):
+        for role, info in ((part or {}).get("precision") or {}).items():
+            if info:
+                per_role.setdefault(role, {k: info[k] for k in ("dtype", "compute_dtype") if k in info})
+    res.update(placement.summary(per_role, place))
     res["seconds"] = time.perf_counter() - t0
     checks.refuse_nan(res, req.model)
     if out is not None:
@@ -224,10 +243,10 @@ def _evaluate(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], text:
 # ------------------------------------------------------------------------------------------- perplexity
 
 
-def _load_lm(path: str) -> tuple[nn.Module, str]:
+def _load_lm(path: str, dtype: Any = torch.float32) -> tuple[nn.Module, str]:
     from normswap.loading import load_pretrained
 
-    model = load_pretrained(path)
+    model = load_pretrained(path, dtype=dtype)
     return model, checks.require_lm_head(model, path)
 
 
@@ -235,7 +254,8 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
     """Perplexity of the converted model and the baseline on the same tokens and windows."""
     tt = perplexity.tokenize_text_bytes(tok, text, req.max_tokens)
     ids = tt.ids
-    loaded = {role: _load_lm(path) for role, path in _models(req)}  # check heads and lengths before scoring
+    place = _placement(req)
+    loaded = {role: _load_lm(path, place.load_dtype) for role, path in _models(req)}  # check heads and lengths before scoring
     kind = loaded["converted"][1]
     if "baseline" in loaded and loaded["baseline"][1] != kind:
         raise NormswapError(f"{req.model} is a {kind} LM but {req.baseline} is a {loaded['baseline'][1]} LM")
@@ -248,19 +268,13 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
     if kind == "masked" and req.stride is not None:
         logger.warning("--stride applies to causal LMs only; masked LMs are scored on non-overlapping chunks")
     scored: dict[str, perplexity.PerplexityResult] = {}
+    precision: dict[str, dict[str, Any]] = {}
     for role, path in _models(req):
-        model = loaded.pop(role)[0].to(_device())
-        logger.info("perplexity of %s (%s LM, %d tokens, max_length %d)", path, kind, int(ids.numel()), max_length)
-        if kind == "causal":
-            scored[role] = perplexity.causal_perplexity(model, ids, max_length=max_length, stride=req.stride,
-                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path, text=tt)
-        elif req.pseudo_ppl:
-            scored[role] = perplexity.pseudo_perplexity(model, tok, ids, max_length=max_length,
-                                                        batch_size=req.ppl_batch_size, progress=req.progress, name=path, text=tt)
-        else:
-            scored[role] = perplexity.masked_lm_perplexity(model, tok, ids, max_length=max_length, mask_probability=req.mlm_probability,
-                                                           seed=req.mask_seed, batch_size=req.ppl_batch_size, progress=req.progress,
-                                                           name=path)
+        precision[role] = {}
+        with placement.placed(loaded.pop(role)[0], place, precision[role]) as model:
+            logger.info("perplexity of %s (%s LM, %d tokens, max_length %d; %s, %s weights, %s compute)", path, kind, int(ids.numel()),
+                        max_length, place.describe()["device"], precision[role]["dtype"], precision[role]["compute_dtype"])
+            scored[role] = _score(req, model, kind, tok, ids, max_length, path, tt)
         del model
     for role, path in _models(req):
         if math.isinf(scored[role].value):
@@ -270,7 +284,7 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
         "kind": c.kind, "value": c.value, "nll": c.nll, "tokens": c.tokens, "max_length": c.max_length,
         "stride": c.stride, "windows": c.windows, "text_tokens": c.text_tokens,
         "nll_median": c.nll_median, "nll_p99": c.nll_p99, "nll_sum": c.nll_sum, "bits_per_byte": c.bits_per_byte, "bytes": c.bytes,
-        **c.extra,
+        **c.extra, "precision": precision,
     }
     if "baseline" in scored:
         b = scored["baseline"]
@@ -280,6 +294,18 @@ def run_perplexity(req: EvalRequest, tok: Any, text: str) -> dict[str, Any]:
     else:
         row.update(baseline=None, delta=None)
     return row
+
+
+def _score(req: EvalRequest, model: nn.Module, kind: str, tok: Any, ids: torch.Tensor, max_length: int, path: str,
+           tt: Any) -> perplexity.PerplexityResult:
+    if kind == "causal":
+        return perplexity.causal_perplexity(model, ids, max_length=max_length, stride=req.stride,
+                                            batch_size=req.ppl_batch_size, progress=req.progress, name=path, text=tt)
+    if req.pseudo_ppl:
+        return perplexity.pseudo_perplexity(model, tok, ids, max_length=max_length,
+                                            batch_size=req.ppl_batch_size, progress=req.progress, name=path, text=tt)
+    return perplexity.masked_lm_perplexity(model, tok, ids, max_length=max_length, mask_probability=req.mlm_probability,
+                                           seed=req.mask_seed, batch_size=req.ppl_batch_size, progress=req.progress, name=path)
 
 
 def _difference(a: float, b: float) -> float | None:
@@ -315,15 +341,19 @@ def run_sts(req: EvalRequest, tok: Any, pairs: list[sts.StsPair], out: Path | No
     from normswap.loading import load_pretrained
 
     pooling = sts.pooling_mode(req.model)
+    place = _placement(req)
     corr, cos, emb = {}, {}, {}
+    precision: dict[str, dict[str, Any]] = {}
     for role, path in _models(req):
-        model = load_pretrained(path, auto_class=transformers.AutoModel).to(_device())
-        logger.info("zero-shot STS of %s on %d pairs (%s pooling)", path, len(pairs), pooling)
-        corr[role], cos[role], emb[role] = sts.evaluate_sts(model, tok, pairs, pooling=pooling, batch_size=req.sts_batch_size,
-                                                            progress=req.progress, name=path)
+        precision[role] = {}
+        with placement.placed(load_pretrained(path, auto_class=transformers.AutoModel, dtype=place.load_dtype), place,
+                              precision[role]) as model:
+            logger.info("zero-shot STS of %s on %d pairs (%s pooling)", path, len(pairs), pooling)
+            corr[role], cos[role], emb[role] = sts.evaluate_sts(model, tok, pairs, pooling=pooling, batch_size=req.sts_batch_size,
+                                                                progress=req.progress, name=path)
         del model
     row: dict[str, Any] = {"spearman": corr["converted"]["spearman"], "pearson": corr["converted"]["pearson"],
-                           "pairs": len(pairs), "pooling": pooling}
+                           "pairs": len(pairs), "pooling": pooling, "precision": precision}
     if "baseline" in corr:
         row.update(baseline_spearman=corr["baseline"]["spearman"], baseline_pearson=corr["baseline"]["pearson"],
                    delta=corr["converted"]["spearman"] - corr["baseline"]["spearman"],
@@ -380,6 +410,8 @@ def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: P
     from normswap.evaluation import glue_probe
 
     probe = req.glue_mode == "probe"
+    place = _placement(req)
+    precision: dict[str, dict[str, Any]] = {}  # role -> the dtypes its models ran in (the same for every task and seed)
     jobs = {}
     for t in tasks:  # read everything first: a bad file fails before any training
         s = glue_settings_for(req, t)
@@ -388,15 +420,17 @@ def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: P
         if probe:  # the probe draws its train_samples rows per seed itself
             cache: dict[Any, Any] = {}  # features by text, per model, shared by the seeds
 
-            def one(path: str, seed: int, t=t, s=s, train_rows=train_rows, dev_rows=dev_rows, cache=cache) -> glue.GlueRun:
-                return glue_probe.run_probe_task_seed(path, tok, t, train_rows, dev_rows, s, seed, req.progress, cache)
+            def one(path: str, seed: int, info: dict[str, Any], t=t, s=s, train_rows=train_rows, dev_rows=dev_rows,
+                    cache=cache) -> glue.GlueRun:
+                return glue_probe.run_probe_task_seed(path, tok, t, train_rows, dev_rows, s, seed, req.progress, cache,
+                                                      place=place, precision=info)
             train_n = min(len(train_rows), s.train_samples or len(train_rows))
         else:
             train_enc = glue.encode(tok, glue_data.subsample(train_rows, s.train_samples, s.data_seed), s.max_seq_length)
             dev_enc = glue.encode(tok, dev_rows, s.max_seq_length)
 
-            def one(path: str, seed: int, t=t, s=s, train_enc=train_enc, dev_enc=dev_enc) -> glue.GlueRun:
-                return glue.run_task_seed(path, tok, t, train_enc, dev_enc, s, seed, req.progress)
+            def one(path: str, seed: int, info: dict[str, Any], t=t, s=s, train_enc=train_enc, dev_enc=dev_enc) -> glue.GlueRun:
+                return glue.run_task_seed(path, tok, t, train_enc, dev_enc, s, seed, req.progress, place=place, precision=info)
             train_n = len(train_enc.labels)
         jobs[t.name] = (t, s, dev_rows, one, train_n)
     summary: dict[str, Any] = {}
@@ -406,7 +440,7 @@ def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: P
         runs: dict[str, list[glue.GlueRun]] = {role: [] for role, _ in _models(req)}
         for seed in range(s.seeds):
             for role, path in _models(req):
-                run = one(path, seed)
+                run = one(path, seed, precision.setdefault(role, {}))
                 runs[role].append(run)
                 details.append({"role": role, "model": path, **{k: v for k, v in asdict(run).items() if k not in ("predictions", "references")}})
             if out is not None:
@@ -417,7 +451,8 @@ def run_glue(req: EvalRequest, tok: Any, tasks: list[glue_data.GlueTask], out: P
     per_task = {name: asdict(s) for name, (_, s, *_rest) in jobs.items()}
     settings: dict[str, Any] = {"mode": req.glue_mode, "protocol": "probe" if probe else (req.glue_protocol or "custom"),
                                 "dev_samples": req.dev_samples, "data": sizes, "tasks": per_task,
-                                "seeds": max(s["seeds"] for s in per_task.values())}
+                                "seeds": max(s["seeds"] for s in per_task.values()),
+                                "precision": {**place.describe(), "models": precision}}
     if not probe and req.glue_protocol is None:
         settings.update({k: v for k, v in req.glue_settings.to_dict().items() if k not in settings})
     return summary, settings, details
@@ -478,20 +513,24 @@ def run_asr(req: EvalRequest, speech: AsrInputs, out: Path | None) -> dict[str, 
 
     from normswap.loading import load_pretrained
 
+    place = _placement(req)
     hyps: dict[str, list[str]] = {}
+    precision: dict[str, dict[str, Any]] = {}
     for role, path in _models(req):
-        model = load_pretrained(path)
+        model = load_pretrained(path, dtype=place.load_dtype)
         if type(model).__name__ not in set(MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values()) or not hasattr(model, "generate"):
             raise NormswapError(f"--asr needs a speech-recognition encoder-decoder; {path} loads as {type(model).__name__}")
-        model = model.to(_device())
-        logger.info("asr: transcribing %d utterances with %s (greedy, no timestamps, batch %d)", len(speech.data.utterances), path,
-                    req.asr_batch_size)
-        hyps[role] = asr_eval.transcribe(model, speech.processors[role], speech.data.utterances, batch_size=req.asr_batch_size,
-                                    progress=req.progress, name=path)
+        precision[role] = {}
+        with placement.placed(model, place, precision[role]) as model:
+            logger.info("asr: transcribing %d utterances with %s (greedy, no timestamps, batch %d)", len(speech.data.utterances), path,
+                        req.asr_batch_size)
+            hyps[role] = asr_eval.transcribe(model, speech.processors[role], speech.data.utterances, batch_size=req.asr_batch_size,
+                                             progress=req.progress, name=path)
         del model
     row, per_utt = asr_eval.evaluate(hyps, speech.data, speech.normalizer, resamples=req.asr_resamples, seed=req.asr_seed,
                                      groups=audio.subset_names(req.asr_groups, "--asr-groups") or ())
     row["data"] = str(req.asr)
+    row["precision"] = precision
     if out is not None:
         header, rows = asr_eval.predictions_table(per_utt, list(hyps))
         results.write_tsv(out / "predictions" / "asr.tsv", header, rows)

@@ -387,29 +387,36 @@ def _paired_delta(conv: HarnessRun, base: HarnessRun, task: str, metric: str, ag
 
 
 def run_tasks(models: list[tuple[str, str]], settings: TaskSettings, specs: list[Any], out: Path | None,
-              progress: bool | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+              progress: bool | None = None, *, device: Any = "auto", dtype: Any = "float32") -> tuple[dict[str, Any], dict[str, Any]]:
     """Load each model in turn (converted first), score it with lm-eval, then compare.
 
     `models` are (role, path) pairs. Returns the per-task rows (task -> metric -> cell) and the
     settings they depend on (with lm-eval's version and seconds per model); with `out`, lm-eval's
     own results (and per-sample logs) are written under out/lm_eval/.
+
+    `device` and `dtype` place every model (`normswap.evaluation.placement`; the default float32
+    is what this function always did); the settings record the dtypes each model ran in.
     """
+    from normswap.evaluation import placement
     from normswap.evaluation.checks import lm_kind
     from normswap.loading import load_pretrained, load_tokenizer
 
     manager = task_manager(settings.include_path, settings.names, settings.data)
     bar = RequestProgress(len(models), progress)
+    place = placement.resolve(device, dtype)
     runs: dict[str, HarnessRun] = {}
+    precision: dict[str, dict[str, Any]] = {}
     try:
         for role, path in models:
-            model = load_pretrained(path)
+            model = load_pretrained(path, dtype=place.load_dtype)
             if lm_kind(model) != "causal":
                 raise NormswapError(f"--tasks needs a causal language model; {path} loads as {type(model).__name__}")
-            model = model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
-            tok = load_tokenizer(path)
-            logger.info("zero-shot: %s on %s%s", path, ", ".join(settings.names),
-                        f" (first {settings.limit} documents each)" if settings.limit else "")
-            runs[role] = evaluate_model(model, tok, specs, settings, manager, bar)
+            precision[role] = {}
+            with placement.placed(model.eval(), place, precision[role]) as model:
+                tok = load_tokenizer(path)
+                logger.info("zero-shot: %s on %s%s", path, ", ".join(settings.names),
+                            f" (first {settings.limit} documents each)" if settings.limit else "")
+                runs[role] = evaluate_model(model, tok, specs, settings, manager, bar)
             del model
     finally:
         bar.close()
@@ -417,7 +424,8 @@ def run_tasks(models: list[tuple[str, str]], settings: TaskSettings, specs: list
     for role, run in runs.items():
         _check_finite(rows, role, dict(models)[role])
     info = {**settings.to_dict(), "lm_eval": runs["converted"].results.get("lm_eval_version"),
-            "seconds": {role: run.seconds for role, run in runs.items()},
+            "seconds": {role: run.seconds for role, run in runs.items()}, "device": place.describe()["device"],
+            "precision": precision,
             "bootstrap": {"resamples": settings.resamples, "seed": settings.seed, "level": 0.95, "paired_over": "documents"}}
     if out is not None:
         info["files"] = write_harness_files(out / "lm_eval", runs)

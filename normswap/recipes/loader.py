@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from normswap.errors import NormswapError
 from normswap.recipes import overrides as _ov
 from normswap.recipes.schema import (
     JOB_KEYS, PATH_KEYS, STAGES, Job, Recipe, RecipeError, RecipeTop, check_bounded, line_of, read_yaml, resolve_path,
@@ -132,6 +133,21 @@ def check_inputs(recipe: Recipe, lines: dict[tuple, int] | None = None) -> None:
                 sec = getattr(job.eval, part)
                 if sec is not None:
                     checks.append((("eval", part, "data"), sec.data, "dir" if part in ("glue", "asr") else "file"))
+        for stage in STAGES:  # a named accelerator must be on this machine (auto and cpu always are)
+            section = getattr(job, stage)
+            spec = getattr(section, "device", None)
+            if spec is None or spec in ("auto", "cpu"):
+                continue
+            from normswap.devices import resolve_device
+
+            try:
+                resolve_device(spec)
+            except NormswapError as err:  # no such device here
+                own = [p + (stage, "device") for p in prefixes if p + (stage, "device") in lines]  # else inherited from the job
+                line = lines[own[0]] if own else line_of(lines, prefixes, ("device",))
+                why = str(err).split(": ", 1)[-1] if str(err).startswith("--device") else str(err)
+                why = why.replace("use --device ", "use device: ")
+                raise RecipeError(f"{recipe.path}:{line or '?'}: job {job.name}: {stage}.device {spec}: {why}") from None
         for key, value, kind in checks:
             if value is None or not _local(value):
                 continue

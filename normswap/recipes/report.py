@@ -97,6 +97,8 @@ def job_results(job: Job, job_dir: Path, models: dict[str, str], summaries: dict
         "stages": job.stages, "models": models, "config": job.model_dump(mode="json"),
         "convert": summaries.get("convert"), "finetune": summaries.get("finetune"),
         "metrics": rows, "seconds": timings, "skipped": skipped,
+        "placement": {role: {k: res.get(k) for k in ("device", "dtype", "compute_dtype")} for role, res in evals.items()
+                      if isinstance(res, dict) and res.get("device")},
     }
     _write_json(job_dir / RESULTS_FILE, out)
     return out
@@ -187,8 +189,10 @@ def write_report(recipe: Recipe, run_dir: Path, results: dict[str, Any]) -> Path
         if c:
             dev = f", max relative logit deviation {c['max_rel_diff']:.3g}" if c.get("max_rel_diff") is not None else ""
             cal = f", mean calibration error {c['calib_rel_error_mean']:.3g}" if c.get("calib_rel_error_mean") is not None else ""
+            where = f", {c['dtype']} weights" if c.get("dtype") else ""
+            where += f", run on {c['device']}" if c.get("device") else ""
             md.append(f"- convert: {c['target']}, {'exact' if c['exact'] else 'approximate'}, {c['sites']} sites "
-                      f"({c['folded']} folded){dev}{cal}; {c['seconds']:.1f} s → `{j['models'].get('converted')}`")
+                      f"({c['folded']} folded){dev}{cal}{where}; {c['seconds']:.1f} s → `{j['models'].get('converted')}`")
             for w in c.get("warnings") or []:
                 md.append(f"  - warning: {w}")
         f = j.get("finetune")
@@ -207,6 +211,9 @@ def write_report(recipe: Recipe, run_dir: Path, results: dict[str, Any]) -> Path
                 except ValueError:
                     pass
                 md.append(f"- loss curve: [{rel}]({rel})")
+        if j.get("placement"):
+            md.append("- evaluated: " + "; ".join(f"{role} on {p['device']}, {p['dtype']} weights, {p['compute_dtype']} compute"
+                                                  for role, p in j["placement"].items()))
         secs = ", ".join(f"{k} {v:.1f} s" for k, v in j["seconds"].items())
         md.append(f"- time: {secs}" + (f"; skipped (already complete): {', '.join(j['skipped'])}" if j["skipped"] else ""))
         md.append("")

@@ -15,6 +15,11 @@ A stage is complete when `stages.json` holds it with the fingerprint of its curr
 inputs (which include the fingerprints of the stages before it). Re-running the recipe skips
 complete stages, re-runs changed ones and everything after them, and continues an interrupted
 fine-tuning from its last checkpoint; `force=True` runs everything again.
+
+`device` and `dtype` (of a section, or inherited from the job) reach the library functions as
+keyword arguments, and only when the recipe sets them: `convert_model(..., device=)` (its `dtype=`
+is the output dtype, always passed), `finetune(..., device=, dtype=)` and the evaluation request
+(`EvalRequest.device` / `.dtype`, "auto" when unset). A stage's fingerprint includes them when set.
 """
 from __future__ import annotations
 
@@ -40,6 +45,16 @@ STATE_FILE = "stages.json"
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_config(section: Any, **kwargs: Any) -> dict[str, Any]:
+    """A section's settings as fingerprinted: `device` / `dtype` left out when unset, so a run
+    folder made before those keys existed keeps its completed stages."""
+    cfg = section.model_dump(mode="json", **kwargs)
+    for key in ("device", "dtype"):
+        if cfg.get(key, "") is None:
+            del cfg[key]
+    return cfg
 
 
 @contextlib.contextmanager
@@ -170,7 +185,7 @@ def run_job(job: Job, run_dir: Path, *, force: bool = False, progress: bool | No
     skipped: list[str] = []
 
     for stage in job.stages:
-        cfg = getattr(job, stage).model_dump(mode="json")
+        cfg = stage_config(getattr(job, stage))
         fp = fingerprint({"stage": stage, "config": cfg, "upstream": upstream})
         if stage in ("convert", "finetune"):
             out = job_dir / stage
@@ -244,15 +259,17 @@ def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
     from normswap.textfiles import read_text
 
     c = job.convert
-    logger.info("job %s: convert %s -> %s", job.name, job.model, c.to)
+    extra = {"device": c.device} if c.device is not None else {}  # dtype (the output's) is always passed
+    logger.info("job %s: convert %s -> %s%s", job.name, job.model, c.to, f" on {c.device}" if extra else "")
     model, result = convert_model(
         job.model, c.to, fold=c.fold, tied_head=c.tied_head,
         calib_text=read_text(c.calib_text) if c.calib_text else None, calib_tokens=c.calib_tokens,
         sequential=c.sequential, alpha_init=c.alpha_init, verify=c.verify,
         verify_text=read_text(c.verify_text) if c.verify_text else None, revision=c.revision,
         trust_remote_code=c.trust_remote_code, dtype=c.dtype, calib_audio=c.calib_audio, verify_audio=c.verify_audio,
-        calib_audio_subsets=c.calib_audio_subsets,
+        calib_audio_subsets=c.calib_audio_subsets, **extra,
     )
+    model.to("cpu")  # saved from host memory, whichever device it ran on ("auto" may have picked an accelerator)
     save(model, out, result.record, tokenizer=result.tokenizer, copy_from=job.model if Path(job.model).is_dir() else None,
          overwrite=True)
     data = result.to_json() | {"out": str(out)}
@@ -260,6 +277,7 @@ def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
     errs = [s["calib_rel_error"] for s in data["sites"] if "calib_rel_error" in s]
     return {"target": c.to, "exact": data["exact"], "sites": len(data["sites"]), "folded": sum(s["folded"] for s in data["sites"]),
             "max_rel_diff": data.get("max_rel_diff"), "max_abs_diff": data.get("max_abs_diff"),
+            "dtype": data.get("dtype"), "device": data.get("device"),
             "calib_rel_error_mean": sum(errs) / len(errs) if errs else None, "tied_head": data["tied_head"],
             "warnings": data["warnings"], "seconds": data["seconds"]}
 
@@ -309,7 +327,7 @@ def _evaluate(job: Job, role: str, model: str, out: Path, run_dir: Path, *, forc
     from normswap.evaluation.runner import run_eval
 
     req = eval_request(job, model, out, progress)
-    cache = run_dir / ".cache" / f"original-{fingerprint({'model': model, 'eval': job.eval.model_dump(mode='json', exclude={'models'})})}"
+    cache = run_dir / ".cache" / f"original-{fingerprint({'model': model, 'eval': stage_config(job.eval, exclude={'models'})})}"
     if role == "original" and not force and (cache / "results.json").is_file():
         logger.info("job %s: original %s already evaluated in this run; reusing %s", job.name, model, cache)
         with atomic_output(out, overwrite=True) as tmp:
@@ -363,7 +381,7 @@ def eval_request(job: Job, model: str, out: Path, progress: bool | None = None) 
     from normswap.evaluation.runner import EvalRequest
 
     e = job.eval
-    req = EvalRequest(model=model, baseline=None, out=str(out), overwrite=True, progress=progress)
+    req = EvalRequest(model=model, baseline=None, out=str(out), overwrite=True, progress=progress, **e.placement())
     if e.ppl:
         req.ppl, req.max_length, req.stride, req.max_tokens = e.ppl.data, e.ppl.max_length, e.ppl.stride, e.ppl.max_tokens
         req.pseudo_ppl, req.mlm_probability, req.mask_seed, req.ppl_batch_size = e.ppl.pseudo, e.ppl.mlm_probability, e.ppl.mask_seed, e.ppl.batch_size

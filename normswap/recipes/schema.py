@@ -14,6 +14,14 @@ at all, and one with several models or targets lists them under `runs:`:
 
 Every mapping is closed (`extra="forbid"`): an unknown or mistyped key is an error that names the
 key, the file and the line (found from PyYAML's node marks), with a suggestion when one is close.
+
+Where and in which dtype a stage runs: `device:` (auto, cpu, cuda, cuda:N, mps) and `dtype:` (auto,
+float32, bfloat16, float16) on the convert, finetune and eval sections, or once for the whole job
+(at the top of the file, or in a `runs:` entry), which every section that sets none inherits:
+
+    device: cuda
+    convert: {to: dyt, dtype: bfloat16}      # the saved weights' dtype (`normswap convert --dtype`)
+    eval: {ppl: {data: ...}, dtype: bfloat16}  # both models evaluated in bfloat16 on cuda
 """
 from __future__ import annotations
 
@@ -33,7 +41,10 @@ from normswap.training.config import TrainConfig, parse_count
 
 STAGES = ("convert", "finetune", "eval")
 ROLES = ("original", "converted", "recovered")
-JOB_KEYS = ("name", "model", "stages") + STAGES
+JOB_KEYS = ("name", "model", "stages", "device", "dtype") + STAGES
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # normswap.conversion.DTYPE_CHOICES (which imports torch)
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+PLACEMENT_KEYS = ("device", "dtype")
 
 
 def _comma_list(v: Any) -> Any:
@@ -53,10 +64,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _device(v: Any) -> Any:
+    """A device spec checked for its form (normswap.devices.check_device, no torch import); whether
+    it exists here is checked with the recipe's inputs (`loader.check_inputs`)."""
+    if v is None:
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"a device is a string: auto, cpu, cuda, cuda:N or mps (got {v!r})")
+    from normswap.devices import DEVICE_CHOICES, check_device
+
+    try:
+        return check_device(v)
+    except NormswapError:
+        raise ValueError(f"unknown device {v.strip()[:40]!r}: choose {DEVICE_CHOICES}") from None
+
+
+# `device:` of a section or a job: None means "not set here" (inherited, else the library's "auto").
+Device = Annotated[Optional[str], BeforeValidator(_device)]
+
+
+class _Placed(_Strict):
+    """A stage that takes `device` and `dtype` (None: not set, so inherited from the job)."""
+
+    device: Device = None
+    dtype: Optional[DtypeName] = None
+
+    def placement(self) -> dict[str, str]:
+        """The `device=` / `dtype=` keyword arguments this section sets (only those set)."""
+        return {k: v for k in PLACEMENT_KEYS if (v := getattr(self, k)) is not None}
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 
-class ConvertStage(_Strict):
+class ConvertStage(_Placed):
     """`normswap convert` settings (see `normswap.conversion.convert_model`)."""
 
     to: Literal["rmsnorm", "dyt", "none"]
@@ -73,10 +114,10 @@ class ConvertStage(_Strict):
     verify_audio: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DtypeName = "auto"  # the output's dtype, as before (always passed to convert_model)
 
 
-class _FinetuneBase(_Strict):
+class _FinetuneBase(_Placed):
     """`normswap finetune` settings: the data (text, or `audio` for speech models), the teacher,
     and every field of TrainConfig."""
 
@@ -105,7 +146,7 @@ class _FinetuneBase(_Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> "_FinetuneBase":
-        cfg = TrainConfig.from_dict(self.model_dump())
+        cfg = self.train_config()
         try:
             cfg.check()
         except NormswapError as err:
@@ -113,7 +154,9 @@ class _FinetuneBase(_Strict):
         return self
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.model_dump())
+        """The run's TrainConfig; `device` and `dtype` (`_Placed`: unset means inherited, then
+        TrainConfig's "auto") are its fields too."""
+        return TrainConfig.from_dict({k: v for k, v in self.model_dump().items() if not (k in PLACEMENT_KEYS and v is None)})
 
 
 def _finetune_model() -> type[_FinetuneBase]:
@@ -121,6 +164,8 @@ def _finetune_model() -> type[_FinetuneBase]:
     hints = typing.get_type_hints(TrainConfig)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
+        if f.name in PLACEMENT_KEYS:  # `_Placed`'s, validated and inherited like every section's
+            continue
         tp = hints[f.name]
         if f.name in ("steps", "tokens"):
             tp = Optional[Union[int, str]]  # "5M" and the like, parsed by the validator
@@ -208,7 +253,7 @@ class TasksEval(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
-class EvalStage(_Strict):
+class EvalStage(_Placed):
     """Which evaluations, on which models: original (the job's model), converted, recovered (fine-tuned)."""
 
     ppl: Optional[PplEval] = None
@@ -231,6 +276,8 @@ class Job(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str
     stages: list[str]
+    device: Device = None  # defaults for the sections below that set none
+    dtype: Optional[DtypeName] = None
     convert: Optional[ConvertStage] = None
     finetune: Optional[FinetuneStage] = None  # type: ignore[valid-type]
     eval: Optional[EvalStage] = None
@@ -265,6 +312,12 @@ class Job(_Strict):
             self.eval.models = [m for m in self.eval.models if m != "recovered"]
         if self.eval and "converted" in self.eval.models and "convert" not in self.stages:
             self.eval.models = [m for m in self.eval.models if m != "converted"]
+        for key in PLACEMENT_KEYS:  # the job's device / dtype: for every section that sets none itself
+            value = getattr(self, key)
+            for stage in STAGES:
+                section = getattr(self, stage)
+                if value is not None and section is not None and key not in section.model_fields_set:
+                    setattr(section, key, value)
         return self
 
 
@@ -276,6 +329,8 @@ class RecipeTop(_Strict):
     output_dir: str = "runs"
     model: Optional[str] = None
     stages: Optional[Any] = None
+    device: Device = None
+    dtype: Optional[DtypeName] = None
     convert: Optional[dict[str, Any]] = None
     finetune: Optional[dict[str, Any]] = None
     eval: Optional[dict[str, Any]] = None
