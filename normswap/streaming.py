@@ -474,7 +474,9 @@ def stream_convert(
         writer.write_index()
         write_config(tmp, model.config, record)
         if measure:  # what was written, against the source, before it moves into place
-            result.verification = _verify(config, cls, model, compute, tmp, tokenizer, verify_text, record.exact, device, work_dtype, out_dtype)
+            result.verification, stand_in = _verify(config, cls, model, compute, tmp, tokenizer, verify_text, record.exact, device,
+                                                    work_dtype, out_dtype)
+            warnings += stand_in
             tolerance = EXACT_TOLERANCE[dtype_name(out_dtype)]
             result.verification["exact_tolerance"] = tolerance
             if record.exact and result.verification["max_rel_diff"] > tolerance:
@@ -524,10 +526,12 @@ def _calibrate(calib_model: nn.Module, fetch, sites, batches, sp: _Plan, result,
 
 
 def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Path, tokenizer, verify_text, exact: bool, device,
-            work_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[str, Any]:
+            work_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[dict[str, Any], list[str]]:
     """`normswap.verification.compare` of the source and the output as written in `folder`, block
     by block: the source's outputs on the verification batches go to disk, then the output's are
-    compared with them. Same inputs and figures as the in-memory path's check."""
+    compared with them. Same inputs and figures as the in-memory path's check; also returns what
+    the user must know about those inputs (random stand-ins, `conversion._stand_in_warnings`)."""
+    from normswap.conversion import _stand_in_warnings
     from normswap.blockwise import LazyWeights, SpillStore, block_paths, compute_dtype
     from normswap.samples import model_inputs
     from normswap.verification import Deviation, _causal, _dtype, main_output
@@ -562,7 +566,7 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
     result = deviation.result()
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     result.update(original_dtype=name(work_dtype), converted_dtype=name(out_dtype), compute_dtype=name(calc), blockwise=True)
-    return result
+    return result, _stand_in_warnings(original, tokenizer, batches, None, "verification")
 
 
 def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _Plan, fold_blocker, drop_mean=False) -> None:
