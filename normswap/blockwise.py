@@ -114,7 +114,7 @@ class LazyWeights:
         self.model, self.fetch, self.device, self.compute = model, fetch, torch.device(device), compute
         self.blocks = blocks
         self._handles: list[Any] = []
-        self._meta: dict[tuple[int, str], nn.Parameter] = {}  # (module id, attr) -> the meta parameter it had
+        self._meta: dict[tuple[int, str], tuple[nn.Module, nn.Parameter]] = {}  # (module id, attr) -> (module, its meta parameter)
         self.block_loads = 0
         in_block = set()
         for path in blocks:
@@ -138,7 +138,11 @@ class LazyWeights:
                     t = self.fetch(self._names[id(p)]).to(self.device)
                     resident[id(p)] = nn.Parameter(t.to(compute) if small else t, requires_grad=False)
                 mod._parameters[attr] = resident[id(p)]
-            if not small:  # cast to the compute dtype while the module runs
+            if small:
+                continue
+            if type(mod) is nn.Embedding:  # a lookup, then the cast: the same values as a cast table, without one
+                self._handles.append(mod.register_forward_hook(self._cast_output))
+            else:  # cast to the compute dtype while the module runs
                 self._handles.append(mod.register_forward_pre_hook(self._upcast))
                 self._handles.append(mod.register_forward_hook(self._downcast))
         self._stored: dict[tuple[int, str], nn.Parameter] = {}
@@ -163,6 +167,9 @@ class LazyWeights:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for (_, attr), (mod, p) in self._meta.items():  # a block a pass left early (`calibration.hooked_forward`)
+            mod._parameters[attr] = p
+        self._meta.clear()
 
     # -- blocks
     def _enter(self, block: nn.Module, args: Any) -> None:
@@ -174,16 +181,16 @@ class LazyWeights:
                 if id(p) not in cache:
                     t = self.fetch(self._names[id(p)]).to(self.device)
                     cache[id(p)] = nn.Parameter(t.to(self.compute) if t.is_floating_point() else t, requires_grad=False)
-                self._meta[(id(mod), attr)] = p
+                self._meta[(id(mod), attr)] = (mod, p)
                 mod._parameters[attr] = cache[id(p)]
         self.block_loads += 1
 
     def _leave(self, block: nn.Module, args: Any, out: Any) -> None:
         for mod in block.modules():
             for attr in list(mod._parameters):
-                p = self._meta.pop((id(mod), attr), None)
-                if p is not None:
-                    mod._parameters[attr] = p
+                held = self._meta.pop((id(mod), attr), None)
+                if held is not None:
+                    mod._parameters[attr] = held[1]
 
     # -- large resident modules
     def _upcast(self, mod: nn.Module, args: Any) -> None:
@@ -191,6 +198,9 @@ class LazyWeights:
             if p is not None and p.is_floating_point() and p.dtype != self.compute:
                 self._stored[(id(mod), attr)] = p
                 mod._parameters[attr] = nn.Parameter(p.detach().to(self.compute), requires_grad=False)
+
+    def _cast_output(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out.to(self.compute) if out.is_floating_point() else out
 
     def _downcast(self, mod: nn.Module, args: Any, out: Any) -> None:
         for attr in list(mod._parameters):
@@ -203,25 +213,13 @@ def capture_outputs(model: nn.Module, paths: list[str], batch: dict[str, torch.T
                     inputs: SpillStore | None = None) -> None:
     """One forward pass; the outputs of the modules at `paths` (and their inputs, into `inputs`)
     go to `store` as float32 [tokens, d] tensors, as `normswap.calibration.capture` returns them."""
-    from normswap.calibration import input_device
+    from normswap.calibration import hooked_forward
 
-    handles = []
-    for p in paths:
-        def hook(m, args, out, p=p):
-            if p not in store:
-                store.put(p, out.detach().reshape(-1, out.shape[-1]).float())
-            if inputs is not None and p not in inputs:
-                x = args[0]
-                inputs.put(p, x.detach().reshape(-1, x.shape[-1]).float())
+    def keep(p: str, m: nn.Module, args: tuple, out: Any) -> None:
+        if p not in store:
+            store.put(p, out.detach().reshape(-1, out.shape[-1]).float())
+        if inputs is not None and p not in inputs:
+            x = args[0]
+            inputs.put(p, x.detach().reshape(-1, x.shape[-1]).float())
 
-        handles.append(model.get_submodule(p).register_forward_hook(hook))
-    device = input_device(model)
-    try:
-        with torch.no_grad():
-            model(**{k: v.to(device) for k, v in batch.items()})
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [p for p in paths if p not in store]
-    if missing:
-        raise RuntimeError(f"block-wise capture: {len(missing)} site(s) never ran, e.g. {missing[0]}")
+    hooked_forward(model, paths, batch, keep, "block-wise capture")

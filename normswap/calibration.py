@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -21,6 +21,44 @@ def isru(u: torch.Tensor) -> torch.Tensor:
 
 # The squashing functions of the elementwise norms (normswap.modules.ElementwiseNorm.FUNCTIONS).
 SQUASH = {"tanh": torch.tanh, "isru": isru, "erf": torch.erf}
+
+
+# Rows per float64 chunk of the final fits: they read every calibration token, and a float64 copy
+# of 4096 tokens x 2048 channels is 67 MB, of which the fit would otherwise hold half a dozen.
+_FIT_ROWS = 512
+
+
+def _chunks(*ts: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Row chunks of same-length 2-D tensors, in float64."""
+    for i in range(0, ts[0].shape[0], _FIT_ROWS):
+        yield tuple(t[i:i + _FIT_ROWS].double() for t in ts)
+
+
+def _affine_fit64(x: torch.Tensor, y: torch.Tensor, alpha: float | torch.Tensor, fn=torch.tanh) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_Objective.fit_channels`'s (weight, bias) for y ~ weight * fn(alpha x) + bias on all rows, in
+    float64, from sums over row chunks (y centred first, as there, for the variances' sake)."""
+    a = alpha.double() if torch.is_tensor(alpha) else alpha
+    n = x.shape[0]
+    y_mean = sum(yc.sum(0) for (yc,) in _chunks(y)) / n
+    sums = torch.zeros(4, x.shape[1], dtype=torch.float64)  # u, u^2, (y - mean)^2, u (y - mean)
+    for xc, yc in _chunks(x, y):
+        u, yc = fn(a * xc), yc - y_mean
+        sums += torch.stack([u.sum(0), u.pow(2).sum(0), yc.pow(2).sum(0), (u * yc).sum(0)])
+    u_mean, u_sq, y_var, cov = sums / n
+    var_u = u_sq - u_mean.pow(2)
+    safe = var_u > 1e-12 * y_var.clamp_min(1e-30)
+    g = torch.where(safe, cov / var_u.clamp_min(1e-30), torch.zeros_like(cov))
+    return g, y_mean - g * u_mean
+
+
+def _fit_error(predict, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mse, relative RMS error sqrt(mse / mean(y^2))) of `predict` (float64 rows -> rows), by chunks."""
+    sse = sq = 0.0
+    for xc, yc in _chunks(x, y):
+        sse += float((predict(xc) - yc).pow(2).sum())
+        sq += float(yc.pow(2).sum())
+    mse = sse / max(y.numel(), 1)
+    return mse, math.sqrt(mse / max(sq / max(y.numel(), 1), 1e-30))
 
 
 @dataclass
@@ -95,18 +133,15 @@ def fit_dyt(x: torch.Tensor, y: torch.Tensor, *, grid_size: int = 17, refine_ste
             d = lo + phi * (hi - lo)
             fd = search(math.exp(d))
     alpha = min([(errors[k], grid[k]), (fc, math.exp(c)), (fd, math.exp(d))])[1]
-    x64, y64 = x.double(), y.double()
-    g, b, _ = _Objective(x64, y64).fit(alpha)
-    mse = float(((torch.tanh(alpha * x64) * g + b - y64) ** 2).mean())
-    return DytFit(alpha, g.float(), b.float(), mse, math.sqrt(mse / max(float(y64.pow(2).mean()), 1e-30)))
+    g, b = _affine_fit64(x, y, alpha)
+    mse, rel = _fit_error(lambda xc: torch.tanh(alpha * xc) * g + b, x, y)
+    return DytFit(alpha, g.float(), b.float(), mse, rel)
 
 
 def dyt_error(alpha: float, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     """Relative RMS error of a given DyT on (x, y), for comparing against a constant-alpha init."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    y = y.reshape(-1, y.shape[-1]).double()
-    pred = torch.tanh(alpha * x) * weight.double() + bias.double()
-    return math.sqrt(float(((pred - y) ** 2).mean()) / max(float(y.pow(2).mean()), 1e-30))
+    g, b = weight.double(), bias.double()
+    return _fit_error(lambda xc: torch.tanh(alpha * xc) * g + b, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))[1]
 
 
 # ----------------------------------------------------------------------------- elementwise variants
@@ -181,10 +216,9 @@ def fit_elementwise(x: torch.Tensor, y: torch.Tensor, *, fn: str = "tanh", per_c
         hi = log_grid[(k + 1).clamp_max(grid_size - 1), cols]
         best, best_err = _golden(lo, hi, lambda t: search.fit_channels(t.exp())[2], refine_steps)
         alpha_t = torch.where(best_err < errors[k, cols], best, log_grid[k, cols]).exp().double()
-    x64, y64 = x.double(), y.double()
-    g, b, _ = _Objective(x64, y64, f).fit_channels(alpha_t)
-    mse = float(((f(alpha_t * x64) * g + b - y64) ** 2).mean())
-    return ElementwiseFit(fn, alpha_t.float(), g.float(), b.float(), mse, math.sqrt(mse / max(float(y64.pow(2).mean()), 1e-30)))
+    g, b = _affine_fit64(x, y, alpha_t, f)
+    mse, rel = _fit_error(lambda xc: f(alpha_t * xc) * g + b, x, y)
+    return ElementwiseFit(fn, alpha_t.float(), g.float(), b.float(), mse, rel)
 
 
 def _scalar_search(x, y, f, grid_size, refine_steps, search_rows, seed) -> float:
@@ -206,9 +240,7 @@ def elementwise_error(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
 
     m = copy.deepcopy(module).double()
     with torch.no_grad():
-        pred = m(x.reshape(-1, x.shape[-1]).double())
-    y = y.reshape(-1, y.shape[-1]).double()
-    return math.sqrt(float(((pred - y) ** 2).mean()) / max(float(y.pow(2).mean()), 1e-30))
+        return _fit_error(m, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))[1]
 
 
 # --------------------------------------------------------------------------- whole-model refitting
@@ -274,6 +306,44 @@ def one_batch(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
+class _PassDone(Exception):
+    """Raised by `hooked_forward` once every path has fired: what the model computes after its
+    last site (a language model's logits, tokens x vocabulary floats: 0.5 GB for 4096 tokens of a
+    32k vocabulary) feeds no site, so the pass stops there."""
+
+
+def hooked_forward(model: nn.Module, paths: list[str], batch: dict[str, torch.Tensor],
+                   hook: Callable[[str, nn.Module, tuple, Any], Any], what: str) -> None:
+    """One no-grad forward pass over `batch` with `hook(path, module, args, output)` as a forward
+    hook of the module at each path (a non-None return replaces the output, as in torch). The pass
+    ends as soon as every path has fired once; a path that never fires is an error."""
+    from normswap.surgery.paths import get_module
+
+    fired: set[str] = set()
+    handles = []
+    for p in paths:
+        def on_output(m, args, out, p=p):
+            res = hook(p, m, args, out)
+            fired.add(p)
+            if len(fired) == len(paths):
+                raise _PassDone
+            return res
+
+        handles.append(get_module(model, p).register_forward_hook(on_output))
+    device = input_device(model)
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in batch.items()})
+    except _PassDone:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in fired]
+    if missing:
+        raise RuntimeError(f"{what}: {len(missing)} site(s) never ran in the forward pass, e.g. {missing[0]}")
+
+
 def fit_in_forward(model: nn.Module, paths: list[str], batch: dict[str, torch.Tensor],
                    make: Callable[[str, nn.Module, torch.Tensor], nn.Module]) -> dict[str, nn.Module]:
     """Sequential calibration in a single forward pass: when the pass reaches the module at a path,
@@ -286,31 +356,18 @@ def fit_in_forward(model: nn.Module, paths: list[str], batch: dict[str, torch.Te
     The replacements are returned (path -> module, cast to the module's dtype and device), not set
     into the model: the caller swaps them. A path that fires again in the same pass (a shared
     module) reuses its replacement; a path that never fires is an error."""
-    from normswap.surgery.paths import get_module
-
     built: dict[str, nn.Module] = {}
-    handles = []
-    for p in paths:
-        def hook(m, args, out, p=p):
-            x = args[0]
-            if p not in built:
-                new = make(p, m, x.detach().reshape(-1, x.shape[-1]).float().cpu())
-                ref = next(m.parameters(), None)
-                ref = ref if ref is not None and ref.device.type != "meta" else x
-                built[p] = new.to(dtype=ref.dtype, device=ref.device)
-            return built[p](x)
 
-        handles.append(get_module(model, p).register_forward_hook(hook))
-    device = input_device(model)
-    try:
-        with torch.no_grad():
-            model(**{k: v.to(device) for k, v in batch.items()})
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [p for p in paths if p not in built]
-    if missing:
-        raise RuntimeError(f"calibration: {len(missing)} site(s) never ran in the forward pass, e.g. {missing[0]}")
+    def replace(p: str, m: nn.Module, args: tuple, out: Any) -> torch.Tensor:
+        x = args[0]
+        if p not in built:
+            new = make(p, m, x.detach().reshape(-1, x.shape[-1]).float().cpu())
+            ref = next(m.parameters(), None)
+            ref = ref if ref is not None and ref.device.type != "meta" else x
+            built[p] = new.to(dtype=ref.dtype, device=ref.device)
+        return built[p](x)
+
+    hooked_forward(model, paths, batch, replace, "calibration")
     return built
 
 

@@ -144,18 +144,20 @@ class Deviation:
 
     def add(self, a: torch.Tensor, b: torch.Tensor, batch: dict[str, torch.Tensor], what: str) -> None:
         # float32 is enough: the difference of two fp32 logits is exact to ~1e-7 of their size.
-        a, b = a.float(), b.float()
+        # One row at a time: the temporaries are a row's logits (a row of 256 tokens of a 128k
+        # vocabulary is 131 MB in float32), not the batch's.
         self.what = what
-        self.max_abs = max(self.max_abs, float((a - b).abs().max()))
-        self.max_ref = max(self.max_ref, float(a.abs().max()))
+        for i in range(a.shape[0]):
+            ai, bi = a[i].float(), b[i].float()
+            self.max_abs = max(self.max_abs, float((ai - bi).abs().max()))
+            self.max_ref = max(self.max_ref, float(ai.abs().max()))
+            if self.causal:
+                ids = batch["input_ids"][i].to(ai.device)
+                for key, logits in (("original", ai), ("converted", bi)):
+                    self.nll[key] += float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
+                self.n_tok += ids[1:].numel()
         if "input_ids" in batch:
             self.tokens = (self.tokens or 0) + int(batch["input_ids"].numel())
-        if self.causal:
-            ids = batch["input_ids"].to(a.device)
-            for key, logits in (("original", a), ("converted", b)):
-                self.nll[key] += float(torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            self.n_tok += ids[:, 1:].numel()
 
     def result(self) -> dict[str, Any]:
         result: dict[str, Any] = {"output": self.what, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_abs / max(self.max_ref, 1e-30),
