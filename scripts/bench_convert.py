@@ -28,49 +28,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
 
-SHAPES = {
-    "xl": dict(n_embd=1600, n_layer=48, n_head=25),  # GPT-2-XL: 1.56B parameters
-    "medium": dict(n_embd=1024, n_layer=24, n_head=16),
-    "small": dict(n_embd=768, n_layer=12, n_head=12),
-}
+# --shape -> synthetic_checkpoint.SHAPES
+SHAPES = {"xl": "gpt2-xl", "medium": "gpt2-medium", "small": "gpt2-base"}
 
 
 def generate(folder: Path, shape: str, shard_bytes: int, seed: int = 0) -> dict:
-    """Write a random GPT-2-shaped fp32 checkpoint (config.json + sharded safetensors), tensor by tensor."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A random GPT-2-shaped fp32 checkpoint (config.json + sharded safetensors), tensor by tensor."""
+    from synthetic_checkpoint import generate as write_checkpoint
 
-    from normswap.streaming import ShardWriter
-
-    folder.mkdir(parents=True)
-    config = GPT2Config(vocab_size=50257, n_positions=1024, **SHAPES[shape])
-    config.architectures = ["GPT2LMHeadModel"]
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
-    plan, seen = [], set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            plan.append((name, list(t.shape), torch.float32))
-    g = torch.Generator().manual_seed(seed)
-    writer = ShardWriter(folder, plan, shard_bytes, {"format": "pt"})
-    params = 0
-    for name, shp, _ in writer:
-        if len(shp) == 1 and (".ln_" in name or "ln_f" in name):
-            t = (1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(shp, generator=g)
-        elif len(shp) == 1:
-            t = 0.02 * torch.randn(shp, generator=g)
-        else:
-            t = 0.02 * torch.randn(shp, generator=g) + (0.01 if "wte" in name or "wpe" in name else 0.0)
-        writer.write(name, t)
-        params += t.numel()
-        del t
-    if len(writer.names) > 1:
-        writer.write_index()
-    config.save_pretrained(folder)
-    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return {"shape": shape, "parameters": params, "bytes_on_disk": size, "shards": len(writer.names), "config": SHAPES[shape]}
+    return write_checkpoint(folder, SHAPES[shape], "float32", shard_bytes, seed)
 
 
 PATHS = {
@@ -180,7 +148,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results/convert.json"))
     args = ap.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from _measure_common import write_json
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="normswap-bench-convert-", dir="/tmp"))

@@ -93,30 +93,17 @@ def run_case(src: Path, out: Path, args: list[str], timeout: float) -> dict[str,
 
 
 def compare(a: Path, b: Path) -> dict[str, Any]:
-    """Tensor by tensor, one pair in memory at a time: how many differ and by how much (relative to
-    the tensor's largest entry), and the DyT alphas of the two records."""
-    import torch
+    """`bench_convert.compare_outputs` (every tensor, one pair in memory at a time) and the largest
+    relative difference of the two records' DyT alphas."""
+    from bench_convert import compare_outputs
 
-    from normswap.streaming import SafetensorsReader, checkpoint_files
-
-    ra, rb = SafetensorsReader(checkpoint_files(a)), SafetensorsReader(checkpoint_files(b))
-    ka, kb = set(ra.keys()), set(rb.keys())
-    unequal, worst = 0, 0.0
-    for k in sorted(ka & kb):
-        ta, tb = ra.get(k).double(), rb.get(k).double()
-        if ta.shape != tb.shape:
-            unequal += 1
-            worst = float("inf")
-        elif not torch.equal(ta, tb):
-            unequal += 1
-            worst = max(worst, float((ta - tb).abs().max() / ta.abs().max().clamp_min(1e-30)))
+    tensors = compare_outputs(a, b, "all")
     alphas = []
     for folder in (a, b):
         record = json.loads((folder / "config.json").read_text())["normswap"]
         alphas.append({s["path"]: s.get("alpha") for s in record["sites"]})
     d_alpha = max((abs(alphas[0][p] - alphas[1][p]) / abs(alphas[0][p]) for p in alphas[0] if alphas[0][p] is not None), default=0.0)
-    return {"same_keys": ka == kb, "tensors": len(ka), "unequal_tensors": unequal, "max_rel_diff_unequal": worst,
-            "max_rel_alpha_diff": d_alpha, "sites": len(alphas[0])}
+    return {**tensors, "max_rel_alpha_diff": d_alpha, "sites": len(alphas[0])}
 
 
 def main() -> None:

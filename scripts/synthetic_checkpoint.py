@@ -29,6 +29,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                         num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
     "gpt2-xl": dict(family="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257),
     "gpt2-small": dict(family="gpt2", n_embd=256, n_layer=4, n_head=4, vocab_size=50257),
+    # the real GPT-2 sizes below XL, for bench_convert.py
+    "gpt2-medium": dict(family="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257),
+    "gpt2-base": dict(family="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
 }
 
 
