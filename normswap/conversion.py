@@ -369,6 +369,12 @@ def _model_float_dtypes(model: nn.Module) -> dict[torch.dtype, int]:
     return counts
 
 
+def dominant_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype most of a model's weights are in (by element count; float32 if none)."""
+    counts = _model_float_dtypes(model)
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
 def _config_dtype(config: Any) -> torch.dtype | None:
     v = getattr(config, "dtype", None)
     if v is None and "torch_dtype" in getattr(config, "__dict__", {}):

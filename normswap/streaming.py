@@ -531,10 +531,10 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
     by block: the source's outputs on the verification batches go to disk, then the output's are
     compared with them. Same inputs and figures as the in-memory path's check; also returns what
     the user must know about those inputs (random stand-ins, `conversion._stand_in_warnings`)."""
-    from normswap.conversion import _stand_in_warnings
+    from normswap.conversion import _stand_in_warnings, dtype_name
     from normswap.blockwise import LazyWeights, SpillStore, block_paths, compute_dtype
     from normswap.samples import model_inputs
-    from normswap.verification import Deviation, _causal, _dtype, main_output
+    from normswap.verification import Deviation, _causal, main_output
 
     original = _meta_model(config, cls)
     sites = list(compute.sp.sites)
@@ -564,8 +564,8 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
     finally:
         outputs.close()
     result = deviation.result()
-    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
-    result.update(original_dtype=name(work_dtype), converted_dtype=name(out_dtype), compute_dtype=name(calc), blockwise=True)
+    result.update(original_dtype=dtype_name(work_dtype), converted_dtype=dtype_name(out_dtype), compute_dtype=dtype_name(calc),
+                  blockwise=True)
     return result, _stand_in_warnings(original, tokenizer, batches, None, "verification")
 
 

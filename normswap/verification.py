@@ -30,12 +30,10 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def _dtype(model: nn.Module) -> str:
-    """The dominant floating dtype of a model's parameters, by element count."""
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return str(max(counts, key=counts.get)).replace("torch.", "") if counts else "none"
+    """The name of the floating dtype most of a model's weights are in."""
+    from normswap.conversion import dominant_dtype, dtype_name
+
+    return dtype_name(dominant_dtype(model))
 
 
 @contextlib.contextmanager

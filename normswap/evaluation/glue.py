@@ -341,10 +341,10 @@ def run_task_seed(
     if place is None:
         model = load_classifier(name_or_path, task, seed)
     else:
-        from normswap.evaluation.placement import weights_dtype
+        from normswap.conversion import dominant_dtype
 
         model = load_classifier(name_or_path, task, seed, dtype=place.load_dtype)
-        weights = weights_dtype(model)
+        weights = dominant_dtype(model)
         compute = place.compute_dtype(weights)
         model = model.float().to(place.device)
         if precision is not None:

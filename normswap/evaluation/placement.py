@@ -90,19 +90,6 @@ def resolve(device: Any = "auto", dtype: Any = "auto") -> Placement:
     return Placement(resolve_device(spec), name)
 
 
-def weights_dtype(model: nn.Module) -> torch.dtype:
-    """The dominant floating dtype of a model's parameters (by element count)."""
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 @contextlib.contextmanager
 def placed(model: nn.Module, place: Placement, info: dict[str, Any] | None = None) -> Iterator[nn.Module]:
     """`model` on the placement's device, in its weights dtype, for inference; on the CPU with
@@ -113,10 +100,12 @@ def placed(model: nn.Module, place: Placement, info: dict[str, Any] | None = Non
     if place.weights is not None:
         model = model.to(place.weights)
     model = model.to(place.device)
-    weights = weights_dtype(model)
+    from normswap.conversion import dominant_dtype, dtype_name
+
+    weights = dominant_dtype(model)
     compute = place.compute_dtype(weights)
     if info is not None:
-        info.update(dtype=_name(weights), compute_dtype=_name(compute))
+        info.update(dtype=dtype_name(weights), compute_dtype=dtype_name(compute))
     with float32_compute(model, enabled=compute != weights):
         yield model
 

@@ -268,10 +268,12 @@ def finetune(
         finally:
             if accelerator.is_main_process:
                 plot_losses(TrainLog(work).read(), work / PLOT_NAME, title=f"{Path(student).name} <- {objective_label(weights)} on {Path(source).name}")
+        from normswap.conversion import dtype_name
+
         final = FinetuneResult(
             out=str(out), objective=weights, config=cfg.to_dict(), token_losses=token_stats, progressive=plan,
-            device="cpu" if accelerator.device.type == "cpu" else device_name(accelerator.device), dtype=_dtype_name(out_dtype), precision=_dtype_name(half or torch.float32),
-            teacher_dtype=_dtype_name(teacher_dtype) if teacher_model is not None else None,
+            device="cpu" if accelerator.device.type == "cpu" else device_name(accelerator.device), dtype=dtype_name(out_dtype), precision=dtype_name(half or torch.float32),
+            teacher_dtype=dtype_name(teacher_dtype) if teacher_model is not None else None,
             gradient_checkpointing=cfg.gradient_checkpointing,
             distributed={"processes": accelerator.num_processes,
                          "type": "fsdp" if fsdp else "ddp" if accelerator.num_processes > 1 else "single",
@@ -518,10 +520,6 @@ def _mixed_precision(precision: str, device_type: str = "cuda" if torch.cuda.is_
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _saved_dtype(spec: str, student: str) -> torch.dtype:
