@@ -4,10 +4,11 @@ Calibrating DyT and verifying a conversion both need forward passes, of the orig
 converted model. Holding both (or even one) in memory limits a machine to models of half its
 memory; here a model is built with its parameters on the meta device (`empty_model`) and
 `LazyWeights` gives each block its weights from the checkpoint when a forward pass enters the
-block and takes them back when it leaves. Everything outside the blocks (embeddings, final norm,
-head) stays resident, in the checkpoint's dtype; its large tensors are cast to the compute dtype
-only while their module runs. Peak memory is then the resident part, one block in the compute
-dtype and the pass's activations, whatever the depth.
+block and takes them back when it leaves; the input and output embeddings are fetched the same way,
+each time they run. The rest (norms, position tables, small heads) stays resident. Large linears and
+embeddings keep the checkpoint's dtype and are cast to the compute dtype one at a time, only while
+they run, and the feed-forward runs a slice of tokens at a time. Peak memory is then one block in
+the checkpoint's dtype, one weight in the compute dtype and one slice's activations, whatever the depth.
 
 Values are those of the in-memory path: each tensor is read exactly as `from_pretrained` would give
 it (through the caller's `fetch`: the source's tensors, centred where the conversion centres the
@@ -26,19 +27,39 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from normswap.archs.trace import is_linear
+
 # a resident module holding fewer bytes than this keeps its parameters in the compute dtype for
 # good (norms, biases, position tables): only embeddings and heads are cast per call
 _SMALL_BYTES = 1 << 20
 
 
-def empty_model(config: Any, cls: Any) -> nn.Module:
+def empty_model(config: Any, cls: Any, dtype: torch.dtype | None = None) -> nn.Module:
     """The architecture with every parameter on the meta device (no memory) and its buffers real:
     non-persistent buffers (rotary frequencies, causal masks) are computed by the constructor and
-    are not in the checkpoint."""
+    are not in the checkpoint. With `dtype`, each floating buffer has the dtype it has in a model
+    loaded in `dtype` (values computed in float32, then cast), as `from_pretrained` gives them:
+    Gemma's embedding scale sqrt(d) is 5.6562 in a bf16 model, not 5.6569, while GPT-J's sinusoid
+    table stays float32."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
+    def build(default: torch.dtype) -> nn.Module:
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            with init_empty_weights(include_buffers=False):
+                return cls.from_config(config) if hasattr(cls, "from_config") and not hasattr(cls, "config_class") else cls(config)
+        finally:
+            torch.set_default_dtype(before)
+
+    model = build(torch.float32)
+    if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
+        typed = dict(build(dtype).named_buffers())
+        for name, buf in list(model.named_buffers()):
+            like = typed.get(name)
+            if buf.is_floating_point() and like is not None and like.dtype != buf.dtype:
+                mod_name, _, attr = name.rpartition(".")
+                model.get_submodule(mod_name)._buffers[attr] = buf.to(like.dtype)
     if hasattr(model, "tie_weights"):  # the context re-registers each assigned parameter, which unties a tied head
         model.tie_weights()
     return model.eval()
@@ -101,6 +122,11 @@ def compute_dtype(work_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return work_dtype
 
 
+def _direct_bytes(mod: nn.Module) -> int:
+    """Bytes of a module's own parameters (not its children's)."""
+    return sum(p.numel() * p.element_size() for p in mod._parameters.values() if p is not None)
+
+
 def _return_freed_memory() -> None:
     """Give the heap's freed pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A block's
     weights and activations are freed when the pass leaves it, but glibc keeps much of that memory
@@ -120,51 +146,89 @@ def _return_freed_memory() -> None:
 
 _TRIM: Any = None
 
+# token-wise modules (`ModelPlan.token_wise`, the feed-forward) run this many tokens at a time
+TOKEN_ROWS = 1024
+
+
+def _by_rows(forward: Callable[..., Any], rows: int) -> Callable[..., Any]:
+    """`forward` of a token-wise module on a [..., d] input, `rows` tokens at a time: the same values
+    (each token's output depends on that token alone; row slices of a matmul reduce in the same
+    order), with intermediates of `rows` tokens instead of the whole batch's. At 4,096 calibration
+    tokens a 2048-wide SwiGLU MLP holds about 0.5 GB of float32 intermediates; by 1,024 rows, 0.13 GB."""
+
+    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2 or x[..., 0].numel() <= rows:
+            return forward(x, *args, **kwargs)
+        parts = [forward(part) for part in x.reshape(-1, x.shape[-1]).split(rows)]
+        out = torch.cat(parts)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return run
+
 
 class LazyWeights:
     """Gives an `empty_model` its weights, block by block, while forward passes run (a context
-    manager: on exit every hook is removed and the weights are dropped).
+    manager: on exit every hook is removed and every weight it gave is dropped, the model's
+    parameters back on the meta device).
 
     `fetch(name)` returns the tensor of parameter or persistent buffer `name` (a state-dict name)
     in the working dtype. Block parameters are fetched when a pass enters their block and dropped
-    when it leaves; the rest are fetched once. Tied parameters stay tied (one fetch, one tensor)."""
+    when it leaves; the rest are fetched once. Tied parameters stay tied (one fetch, one tensor).
+    The modules at `token_wise` paths (`ModelPlan.token_wise`) run `rows` tokens at a time."""
 
     def __init__(self, model: nn.Module, fetch: Callable[[str], torch.Tensor], blocks: list[str], *, device: Any = "cpu",
-                 compute: torch.dtype = torch.float32):
+                 compute: torch.dtype = torch.float32, token_wise: list[str] = (), rows: int = TOKEN_ROWS):
         self.model, self.fetch, self.device, self.compute = model, fetch, torch.device(device), compute
         self.blocks = blocks
         self._handles: list[Any] = []
+        self._forwards: list[tuple[nn.Module, Any]] = []  # (token-wise module, its own instance forward or None)
+        for path in token_wise:
+            mod = model.get_submodule(path)
+            self._forwards.append((mod, mod.__dict__.get("forward")))
+            mod.forward = _by_rows(mod.forward, rows)
         self._meta: dict[tuple[int, str], tuple[nn.Module, nn.Parameter]] = {}  # (module id, attr) -> (module, its meta parameter)
-        self.block_loads = 0
-        in_block = set()
-        for path in blocks:
-            block = model.get_submodule(path)
-            in_block.update(id(m) for m in block.modules())
-            self._handles.append(block.register_forward_pre_hook(self._enter))
-            self._handles.append(block.register_forward_hook(self._leave))
+        # The units fetched when a pass enters them and dropped when it leaves: the blocks, and the
+        # input and output embeddings outside them (a 32000 x 2048 table is 131 MB in bf16).
+        units = [model.get_submodule(path) for path in blocks]
+        in_unit = {id(m) for u in units for m in u.modules()}
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                emb = getattr(model, getter)()
+            except (AttributeError, NotImplementedError):
+                emb = None
+            if isinstance(emb, nn.Module) and id(emb) not in in_unit and _direct_bytes(emb) >= _SMALL_BYTES:
+                units.append(emb)
+                in_unit.update(id(m) for m in emb.modules())
+        # Large linears and embeddings in a unit keep their weights in the working dtype and are cast
+        # only while they run: one [8192, 2048] float32 weight at a time, not a whole float32 block.
+        self._per_call: set[int] = set()
+        for unit in units:
+            self._handles.append(unit.register_forward_pre_hook(self._enter))
+            for mod in unit.modules():
+                if _direct_bytes(mod) >= _SMALL_BYTES and (is_linear(mod) or isinstance(mod, nn.Embedding)):
+                    self._per_call.add(id(mod))
+                    self._cast_while_running(mod)
+            self._handles.append(unit.register_forward_hook(self._leave))  # after the unit's own cast-back hook
         # names of every parameter object (tied ones have several): the first is fetched
         self._names: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
         resident: dict[int, nn.Parameter] = {}  # meta parameter id -> its resident (working dtype) value
+        self._residents: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, attr, its meta parameter)
         for mod_name, mod in model.named_modules():
-            if id(mod) in in_block or not mod._parameters:
+            if id(mod) in in_unit or not mod._parameters:
                 continue
-            small = sum(p.numel() * p.element_size() for p in mod._parameters.values() if p is not None) < _SMALL_BYTES
+            small = _direct_bytes(mod) < _SMALL_BYTES
             for attr, p in list(mod._parameters.items()):
                 if p is None:
                     continue
                 if id(p) not in resident:
                     t = self.fetch(self._names[id(p)]).to(self.device)
                     resident[id(p)] = nn.Parameter(t.to(compute) if small else t, requires_grad=False)
+                self._residents.append((mod, attr, p))
                 mod._parameters[attr] = resident[id(p)]
-            if small:
-                continue
-            if type(mod) is nn.Embedding:  # a lookup, then the cast: the same values as a cast table, without one
-                self._handles.append(mod.register_forward_hook(self._cast_output))
-            else:  # cast to the compute dtype while the module runs
-                self._handles.append(mod.register_forward_pre_hook(self._upcast))
-                self._handles.append(mod.register_forward_hook(self._downcast))
+            if not small:
+                self._cast_while_running(mod)
         self._stored: dict[tuple[int, str], nn.Parameter] = {}
         persistent = set(model.state_dict(keep_vars=True))
         for name, buf in list(model.named_buffers()):
@@ -177,6 +241,13 @@ class LazyWeights:
                 mod_name, _, attr = name.rpartition(".")
                 model.get_submodule(mod_name)._buffers[attr] = buf.to(self.device)
 
+    def _cast_while_running(self, mod: nn.Module) -> None:
+        if type(mod) is nn.Embedding:  # a lookup, then the cast: the same values as a cast table, without one
+            self._handles.append(mod.register_forward_hook(self._cast_output))
+        else:  # cast to the compute dtype while the module runs
+            self._handles.append(mod.register_forward_pre_hook(self._upcast))
+            self._handles.append(mod.register_forward_hook(self._downcast))
+
     def __enter__(self) -> "LazyWeights":
         return self
 
@@ -187,9 +258,21 @@ class LazyWeights:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mod, own in self._forwards:
+            if own is None:
+                del mod.forward
+            else:
+                mod.forward = own
+        self._forwards.clear()
         for (_, attr), (mod, p) in self._meta.items():  # a block a pass left early (`calibration.hooked_forward`)
             mod._parameters[attr] = p
         self._meta.clear()
+        # the resident weights too (an embedding table is 131 MB at 1.5B parameters in bf16): a
+        # model outlives its pass (verification builds the next one while the last is in scope)
+        for mod, attr, p in self._residents:
+            mod._parameters[attr] = p
+        self._residents.clear()
+        _return_freed_memory()
 
     # -- blocks
     def _enter(self, block: nn.Module, args: Any) -> None:
@@ -200,10 +283,11 @@ class LazyWeights:
                     continue
                 if id(p) not in cache:
                     t = self.fetch(self._names[id(p)]).to(self.device)
-                    cache[id(p)] = nn.Parameter(t.to(self.compute) if t.is_floating_point() else t, requires_grad=False)
+                    if t.is_floating_point() and id(mod) not in self._per_call:
+                        t = t.to(self.compute)
+                    cache[id(p)] = nn.Parameter(t, requires_grad=False)
                 self._meta[(id(mod), attr)] = (mod, p)
                 mod._parameters[attr] = cache[id(p)]
-        self.block_loads += 1
 
     def _leave(self, block: nn.Module, args: Any, out: Any) -> None:
         for mod in block.modules():

@@ -21,7 +21,6 @@ between sites (alpha is about 1/std of its input: 1e-3 in a Llama layer with mas
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from normswap.calibration import no_cache
 
 OBJECTIVES = ("auto", "kl", "kl+ce", "hidden", "pooled", "hidden+pooled")
 # Above this many bytes of float32 teacher log-probabilities the cache is kept in float16 (ample
@@ -96,15 +97,6 @@ def _output(out: Any, objective: str) -> torch.Tensor:
     if h is None:
         raise ValueError(f"the model returns no last_hidden_state for objective {objective!r}")
     return h
-
-
-def _call_kwargs(model: nn.Module) -> dict[str, Any]:
-    """use_cache=False where the model takes it (no key/value cache is wanted here)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
 
 
 def _mask(batch: dict[str, torch.Tensor], like: torch.Tensor, objective: str) -> torch.Tensor | None:
@@ -298,7 +290,7 @@ def fit_end_to_end(
     params = norm_parameters(model, paths)
     if not params:
         raise ValueError(f"{type(model).__name__} has no converted norm (DyT, FixedNorm, ElementwiseNorm) to calibrate")
-    kwargs_model, kwargs_orig = _call_kwargs(model), _call_kwargs(original)
+    kwargs_model, kwargs_orig = no_cache(model), no_cache(original)
     pieces = [{k: v.to(device) for k, v in b.items()} for b in _split(batches, rows_per_step)]
     was_training = (model.training, original.training)
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -239,14 +239,16 @@ class _Plan:
     float_dtype: torch.dtype = torch.float32
     # calibrated DyT sites: path -> {"alpha", "weight", "bias"} (float32, unfolded), from `_calibrate`
     fitted: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    token_wise: list[str] = field(default_factory=list)  # `ModelPlan.token_wise`: run by row slices in block-wise passes
 
 
-def _meta_model(config: Any, cls: Any) -> nn.Module:
+def _meta_model(config: Any, cls: Any, dtype: torch.dtype | None = None) -> nn.Module:
     """The architecture with its parameters on the meta device; buffers are real (small, and
-    runnable: the block-wise passes need the non-persistent ones)."""
+    runnable: the block-wise passes need the non-persistent ones), made as a model loaded in
+    `dtype` has them."""
     from normswap.blockwise import empty_model
 
-    return empty_model(config, cls)
+    return empty_model(config, cls, dtype)
 
 
 def _key_renamer(model: nn.Module):
@@ -385,7 +387,7 @@ def stream_convert(
     config = load_config(str(source))
     config.dtype = out_dtype  # as the in-memory path leaves it
     cls = _architecture_class(config)
-    model = _meta_model(config, cls)
+    model = _meta_model(config, cls, work_dtype)
     reader = SafetensorsReader(checkpoint_files(src))
     source_key = _match_source_keys(model, reader)
     if calibrated and is_speech(model):
@@ -407,7 +409,7 @@ def stream_convert(
         source={"model": str(source), "revision": None}, version=__version__, dtype=dtype_name(out_dtype),
     )
     warnings = dtype_warnings + warnings
-    sp = _Plan(source_key, float_dtype=work_dtype)
+    sp = _Plan(source_key, float_dtype=work_dtype, token_wise=plan.token_wise)
     calib_model = None
     with torch.no_grad():
         if centre:
@@ -528,7 +530,7 @@ def _calibrate(calib_model: nn.Module, fetch, sites, batches, sp: _Plan, result,
         return new
 
     try:
-        with LazyWeights(calib_model, fetch, block_paths(calib_model, paths), device=device, compute=compute):
+        with LazyWeights(calib_model, fetch, block_paths(calib_model, paths), device=device, compute=compute, token_wise=sp.token_wise):
             capture_outputs(calib_model, paths, batch, targets)
             fit_in_forward(calib_model, paths, batch, make)
     finally:
@@ -548,7 +550,7 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
     from normswap.samples import model_inputs
     from normswap.verification import Deviation, _causal, main_output
 
-    original = _meta_model(config, cls)
+    original = _meta_model(config, cls, work_dtype)
     sites = list(compute.sp.sites)
     batches = model_inputs(original, tokenizer=tokenizer, text=verify_text, n_tokens=256 if exact else 1024, block=256, batch_size=2,
                            seed=1, what="verification")
@@ -558,7 +560,8 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
     outputs = SpillStore()
     try:
         with torch.no_grad():
-            with LazyWeights(original, compute.load, block_paths(original, sites), device=device, compute=calc):
+            with LazyWeights(original, compute.load, block_paths(original, sites), device=device, compute=calc,
+                             token_wise=compute.sp.token_wise):
                 what = ""
                 for i, batch in enumerate(batches):
                     a, what = main_output(original, batch)
@@ -571,7 +574,8 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
                 t = written.get(written_key[name])
                 return t.to(work_dtype) if t.is_floating_point() else t
 
-            with LazyWeights(converted, fetch, block_paths(converted, sites), device=device, compute=calc):
+            with LazyWeights(converted, fetch, block_paths(converted, sites), device=device, compute=calc,
+                             token_wise=compute.sp.token_wise):
                 for i, batch in enumerate(batches):
                     b, _ = main_output(converted, batch)
                     deviation.add(outputs.get(i).to(b.device), b, batch, what)

@@ -11,10 +11,10 @@ from torch import nn
 
 def main_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, str]:
     """Logits, or the last hidden state of a model without a head (the batch moved to the model's device)."""
-    from normswap.calibration import input_device
+    from normswap.calibration import input_device, no_cache
 
     device = input_device(model)
-    out = model(**{k: v.to(device) for k, v in batch.items()})
+    out = model(**{k: v.to(device) for k, v in batch.items()}, **no_cache(model))
     if getattr(out, "logits", None) is not None:
         return out.logits, "logits"
     return out.last_hidden_state, "last_hidden_state"

@@ -54,9 +54,11 @@ def test_blockwise_dyt_equals_in_memory(tmp_path, name, fold):
     assert v["max_rel_diff"] == pytest.approx(w["max_rel_diff"], rel=1e-6)
 
 
-def test_bf16_source_keeps_its_dtype(tmp_path):
-    """A bfloat16 checkpoint converts to bfloat16 (dtype auto), block-wise as in memory."""
-    src = _source(tmp_path, "llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("name", TEXT_FAMILIES)
+def test_bf16_source_keeps_its_dtype(tmp_path, name):
+    """A bfloat16 checkpoint converts to bfloat16 (dtype auto), block-wise as in memory: weights held
+    in bf16 and cast to float32 one module at a time give the in-memory float32 path's values."""
+    src = _source(tmp_path, name, dtype=torch.bfloat16)
     model, mem = normswap.convert(str(src), "dyt")
     save(model, tmp_path / "mem", mem.record)
     result = stream_convert(src, tmp_path / "blk", "dyt", copy_aux=False, save_tokenizer=False)
@@ -82,6 +84,35 @@ def test_one_block_of_weights_at_a_time(tmp_path, monkeypatch):
     stream_convert(src, tmp_path / "blk", "dyt", copy_aux=False, save_tokenizer=False)
     # 4 blocks x (targets pass, fitting pass, original and converted verification passes)
     assert len(live) >= 16 and max(live) == 1
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_token_wise_modules_run_by_row_slices_with_the_same_outputs(name):
+    """The feed-forward runs a few tokens at a time in block-wise passes: same outputs as the whole
+    model in memory, more calls, and each module's own forward back afterwards."""
+    from normswap.archs.plan import build_plan
+    from normswap.blockwise import block_paths, empty_model
+
+    model = tiny_model(name).eval()
+    plan = build_plan(model)
+    assert plan.token_wise and all(p.endswith(("mlp", "intermediate")) for p in plan.token_wise)
+    batch = tiny_inputs(model, batch=3, length=10)
+    with torch.no_grad():
+        want = model(**batch)[0]
+    state = model.state_dict()
+    lazy = empty_model(model.config, type(model))
+    seen: list[int] = []
+    first_linear = next(m for m in lazy.get_submodule(plan.token_wise[0]).modules() if hasattr(m, "weight"))
+    handle = first_linear.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    blocks = block_paths(lazy, [s.path for s in plan.sites])
+    with LazyWeights(lazy, lambda n: state[n].clone(), blocks, token_wise=plan.token_wise, rows=7):
+        with torch.no_grad():
+            got = lazy(**batch)[0]
+        assert seen == [7, 7, 7, 7, 2]  # 30 tokens, 7 rows at a time
+    handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert all("forward" not in lazy.get_submodule(p).__dict__ for p in plan.token_wise)
+    assert all(p.device.type == "meta" for p in lazy.parameters())
 
 
 def test_spill_store_round_trip():

@@ -17,6 +17,7 @@ GPT2 = Family(
     embed_writers=("wte", "wpe"),
     model_norms=(NormSpec("ln_f", "final", ("@head",)),),
     notes="Linears are transformers' Conv1D: weight stored [in, out]. Head tied to wte.",
+    token_wise=("mlp",),
 )
 
 GPT_NEOX = Family(
@@ -33,6 +34,7 @@ GPT_NEOX = Family(
     embed_writers=("embed_in",),
     model_norms=(NormSpec("final_layer_norm", "final", ("@head",)),),
     notes="Pythia: parallel residual, rotary positions (no position embedding), untied head.",
+    token_wise=("mlp",),
 )
 
 GPTJ = Family(
@@ -45,6 +47,7 @@ GPTJ = Family(
     embed_writers=("wte",),
     model_norms=(NormSpec("ln_f", "final", ("@head",)),),
     notes="q/k/v have no bias: folding a norm bias gives them one. Head untied, with bias.",
+    token_wise=("mlp",),
 )
 
 PHI = Family(
@@ -59,6 +62,7 @@ PHI = Family(
     block_writers=("self_attn.dense", "mlp.fc2"),
     embed_writers=("embed_tokens",),
     model_norms=(NormSpec("final_layernorm", "final", ("@head",)),),
+    token_wise=("mlp",),
 )
 
 _BLOOM_BASE = Family(

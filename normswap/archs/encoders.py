@@ -20,6 +20,7 @@ BERT = Family(
     model_norms=(NormSpec("embeddings.LayerNorm", "embed", ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key", "encoder.layer.0.attention.self.value")),),
     head_norms=(NormSpec("cls.predictions.transform.LayerNorm", "head", ("cls.predictions.decoder",)),),
     notes="A few hidden dimensions carry very large LN weights and biases (outliers): kept, never clipped.",
+    token_wise=("intermediate",),  # dense + activation (BertOutput holds a norm)
 )
 
 ROBERTA = BERT.but(

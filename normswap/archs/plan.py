@@ -77,6 +77,7 @@ class ModelPlan:
     norm_kind: str = "layernorm"  # "rmsnorm" where every site is one (Llama...): gains fold, nothing is centred
     checked: bool = False  # a table plan that discovery confirmed
     notes: list[str] = field(default_factory=list)  # what the user should know about how the plan was made
+    token_wise: list[str] = field(default_factory=list)  # modules that act on each token alone (Family.token_wise)
 
     @property
     def known(self) -> bool:
@@ -261,6 +262,7 @@ def table_plan(model: nn.Module, family: Family) -> ModelPlan:
     writers: list[str] = []
     embed_writers: list[str] = []
     centred_inputs: list[str] = []
+    token_wise: list[str] = []
 
     for stack, block_paths in stacks:
         if block_paths is None:
@@ -282,6 +284,7 @@ def table_plan(model: nn.Module, family: Family) -> ModelPlan:
             for spec in stack.block_norms:
                 sites.append(_site_if_present(model, join(block, spec.name), spec.placement, resolve_all(spec.readers, block, i)))
             writers += resolve_all(stack.block_writers, block, i)
+            token_wise += [join(block, n) for n in stack.token_wise if has_module(model, join(block, n))]
         for spec in stack.model_norms:
             if spec.placement != "embed":
                 sites.append(_site_if_present(model, join(base, spec.name), spec.placement, resolve_all(spec.readers, base, None), spec.foldable))
@@ -300,7 +303,7 @@ def table_plan(model: nn.Module, family: Family) -> ModelPlan:
     covered = {s.path for s in sites}
     other = {p: f"not in the {model_type} family table" for p in all_norms if p not in covered}
     return ModelPlan(model_type, family, family.style, sites, writers, embed_writers, head, tied, other, centred_inputs,
-                     source="table", norm_kind=family.norm_kind)
+                     source="table", norm_kind=family.norm_kind, token_wise=token_wise)
 
 
 def _table_blocker(model: nn.Module, family: Family, site: Site) -> str | None:

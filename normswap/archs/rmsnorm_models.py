@@ -20,6 +20,7 @@ LLAMA = Family(
     block_writers=("self_attn.o_proj", "mlp.down_proj"),
     embed_writers=("embed_tokens",),
     model_norms=(NormSpec("norm", "final", ("@head",)),),
+    token_wise=("mlp",),  # SwiGLU: down(act(gate(x)) * up(x)), token by token
 )
 MISTRAL = LLAMA.but(model_type="mistral")
 QWEN2 = LLAMA.but(model_type="qwen2")

@@ -57,6 +57,7 @@ class Stack:
     # gelu(conv2(x)) + positions): the first block's input gets one explicit mean subtraction,
     # recorded like the centred embedding lookups.
     centre_input: bool = False
+    token_wise: tuple[str, ...] = ()  # see Family.token_wise
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class Family:
     notes: str = ""
     stack_name: str = ""  # the name of the stream the fields above describe (see Stack.name)
     centre_input: bool = False  # see Stack.centre_input
+    # Block submodules (block-level names) that act on each token alone, with no norm inside: the
+    # feed-forward. Block-wise passes run them a slice of tokens at a time, which bounds their
+    # intermediate activations (a SwiGLU MLP holds about three [tokens, 4d] tensors at once).
+    token_wise: tuple[str, ...] = ()
     extra_stacks: tuple[Stack, ...] = ()  # further streams (the decoder of an encoder-decoder)
     # Families whose layout depends on config flags (OPT's do_layer_norm_before, Falcon's
     # parallel_attn) give a function that returns the right variant for a config.
@@ -91,7 +96,7 @@ class Family:
     def stacks(self) -> tuple[Stack, ...]:
         """Every residual stream, in forward order (the Family's own fields first)."""
         main = Stack(self.stack_name, self.blocks, self.block_norms, self.block_writers, self.embed_writers,
-                     self.model_norms, self.centre_input)
+                     self.model_norms, self.centre_input, self.token_wise)
         return (main, *self.extra_stacks)
 
     def but(self, **changes: Any) -> "Family":
