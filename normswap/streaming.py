@@ -294,6 +294,9 @@ def _match_source_keys(model: nn.Module, reader: SafetensorsReader) -> dict[str,
     from normswap.integrity import tensor_mismatch
 
     state = model.state_dict(keep_vars=True)
+    # a model's own non-persistent buffers, stored by older versions (BERT's embeddings.position_ids
+    # in all-MiniLM-L6-v2): from_pretrained skips them, the constructor computes them
+    computed = {n for n, _ in model.named_buffers(remove_duplicate=False)} - persistent
     for key in reader.keys():
         name = rename(key)
         if name in persistent:
@@ -301,7 +304,7 @@ def _match_source_keys(model: nn.Module, reader: SafetensorsReader) -> dict[str,
             if why:  # from_pretrained would cast an integer tensor into a float parameter silently
                 raise NormswapError(f"checkpoint tensor {key} {why}")
             stored[name] = key
-        elif not any(r.search(key) for r in ignore):
+        elif name not in computed and not any(r.search(key) for r in ignore):
             unexpected.append(key)
     if unexpected:
         raise NormswapError(f"checkpoint has {len(unexpected)} tensor(s) {type(model).__name__} does not, e.g. {sorted(unexpected)[0]} (cannot stream it)")

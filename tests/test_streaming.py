@@ -171,3 +171,22 @@ def test_automatic_switch(tmp_path, monkeypatch):
         use("dyt", low_memory=True, calibrate="e2e")
     with pytest.raises(NormswapError, match="parallel"):
         use("dyt", low_memory=True, sequential=False)
+
+
+def test_a_stored_non_persistent_buffer_is_skipped_as_from_pretrained_does(tmp_path):
+    """all-MiniLM-L6-v2 stores BERT's embeddings.position_ids, which the model computes itself."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    model = tiny_model("bert")
+    model.save_pretrained(src)
+    f = src / "model.safetensors"
+    state = load_file(str(f))
+    key = next(k for k in state if k.endswith("word_embeddings.weight")).replace("word_embeddings.weight", "position_ids")
+    state[key] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)
+    save_file(state, str(f), metadata={"format": "pt"})
+    result = stream_convert(src, tmp_path / "out", "rmsnorm", copy_aux=False, save_tokenizer=False, approximate_ok=True)
+    assert result.record.sites
+    assert not any(k.endswith("position_ids") for k in load_file(str(tmp_path / "out" / "model.safetensors")))
