@@ -249,7 +249,8 @@ def report(out_dir: Path) -> str:
              "Zero training: every figure is a conversion calibrated on text, then scored. Made by",
              "`scripts/ablate_calibration.py` (its docstring has the protocols and rows); raw figures, settings",
              "and each e2e fit's summary in `results.json`. Wall times are on a shared 2-core CPU machine with",
-             "1 torch thread; the load average (1-minute) before each row is given.", ""]
+             "1 torch thread; the load average (1-minute) before each row is given. What the tables say (targets,",
+             "the default and why, what limits SmolLM2, whisper-tiny.en): [findings.md](findings.md).", ""]
     for key, model in data["models"].items():
         orig = model.get("original", {})
         metric = "spearman" if "spearman" in orig else "ppl"
