@@ -133,6 +133,7 @@ def fit_dyt(x: torch.Tensor, y: torch.Tensor, *, grid_size: int = 17, refine_ste
             d = lo + phi * (hi - lo)
             fd = search(math.exp(d))
     alpha = min([(errors[k], grid[k]), (fc, math.exp(c)), (fd, math.exp(d))])[1]
+    del search  # its float32 row sample (2 x 16 MB at 2048 channels) is not held through the final fits
     g, b = _affine_fit64(x, y, alpha)
     mse, rel = _fit_error(lambda xc: torch.tanh(alpha * xc) * g + b, x, y)
     return DytFit(alpha, g.float(), b.float(), mse, rel)

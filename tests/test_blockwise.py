@@ -2,12 +2,14 @@
 result as the in-memory path, with one block of weights in memory at a time."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 import normswap
@@ -113,6 +115,59 @@ def test_token_wise_modules_run_by_row_slices_with_the_same_outputs(name):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert all("forward" not in lazy.get_submodule(p).__dict__ for p in plan.token_wise)
     assert all(p.device.type == "meta" for p in lazy.parameters())
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-no-bias", "conv1d"])
+def test_a_large_linear_casts_its_weight_a_slice_at_a_time_with_the_same_outputs(kind):
+    """A linear whose weight stays in bf16 computes its output by slices of output features, each
+    weight slice cast to float32 on its own: the output of casting the whole weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    from normswap.blockwise import _by_output_slices
+
+    torch.manual_seed(0)
+    mod = Conv1D(37, 24) if kind == "conv1d" else nn.Linear(24, 37, bias=kind == "linear")
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_()
+    mod = mod.to(torch.bfloat16)
+    x = torch.randn(3, 5, 24)
+    want = copy.deepcopy(mod).float()(x)
+    calls: list[int] = []
+    real_linear, real_addmm = torch.nn.functional.linear, torch.addmm
+    forward = _by_output_slices(mod, torch.float32, slice_bytes=10 * 24 * 4)  # 10 output features a slice
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "linear", lambda x, w, b=None: (calls.append(w.shape[0]), real_linear(x, w, b))[1])
+        mp.setattr(torch, "addmm", lambda b, x, w: (calls.append(w.shape[1]), real_addmm(b, x, w))[1])
+        got = forward(x)
+    assert calls == [10, 10, 10, 7]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_bf16_model_with_every_linear_cast_per_call_gives_the_in_memory_outputs(name, monkeypatch):
+    """With every linear large enough to be cast per call (the threshold lowered to zero), a
+    block-wise pass of a bf16 model gives the logits of the whole model upcast in memory."""
+    import normswap.blockwise as bw
+    from normswap.archs.plan import build_plan
+    from normswap.verification import float32_compute
+
+    model = tiny_model(name).eval().to(torch.bfloat16)
+    plan = build_plan(model)
+    batch = tiny_inputs(model, batch=2, length=9)
+    with torch.no_grad(), float32_compute(model):
+        want = model(**batch).logits
+    state = model.state_dict()
+    monkeypatch.setattr(bw, "_SMALL_BYTES", 0)
+    monkeypatch.setattr(bw, "WEIGHT_SLICE_BYTES", 64 * 4 * 3)  # a few output features a slice
+    lazy = bw.empty_model(model.config, type(model), torch.bfloat16)
+    with bw.LazyWeights(lazy, lambda n: state[n].clone(), bw.block_paths(lazy, [s.path for s in plan.sites])):
+        assert any("forward" in m.__dict__ for m in lazy.modules() if type(m).__name__ in ("Linear", "Conv1D"))
+        with torch.no_grad():
+            got = lazy(**batch).logits
+    assert not any("forward" in m.__dict__ for m in lazy.modules())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_spill_store_round_trip():
