@@ -140,19 +140,25 @@ class Deviation:
         self.tokens: int | None = None
         self.what = ""
 
+    # tokens a step: the temporaries are a few [64, vocabulary] float32 tensors (13 MB each at a
+    # 50k vocabulary), not a batch's or a row's logits (a row of 256 tokens of a 128k vocabulary is
+    # 131 MB, and the difference, its absolute value and each log-softmax would be as much again)
+    TOKENS = 64
+
     def add(self, a: torch.Tensor, b: torch.Tensor, batch: dict[str, torch.Tensor], what: str) -> None:
         # float32 is enough: the difference of two fp32 logits is exact to ~1e-7 of their size.
-        # One row at a time: the temporaries are a row's logits (a row of 256 tokens of a 128k
-        # vocabulary is 131 MB in float32), not the batch's.
         self.what = what
         for i in range(a.shape[0]):
-            ai, bi = a[i].float(), b[i].float()
-            self.max_abs = max(self.max_abs, float((ai - bi).abs().max()))
-            self.max_ref = max(self.max_ref, float(ai.abs().max()))
-            if self.causal:
-                ids = batch["input_ids"][i].to(ai.device)
-                for key, logits in (("original", ai), ("converted", bi)):
-                    self.nll[key] += float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
+            ids = batch["input_ids"][i].to(a.device) if self.causal else None
+            for t in range(0, a.shape[1], self.TOKENS):
+                ai, bi = a[i, t:t + self.TOKENS].float(), b[i, t:t + self.TOKENS].float()
+                self.max_abs = max(self.max_abs, float((ai - bi).abs().max()))
+                self.max_ref = max(self.max_ref, float(ai.abs().max()))
+                if ids is not None:  # position p predicts token p + 1: the row's last position predicts nothing
+                    targets = ids[t + 1:t + 1 + self.TOKENS]
+                    for key, logits in (("original", ai), ("converted", bi)):
+                        self.nll[key] += float(torch.nn.functional.cross_entropy(logits[:targets.numel()], targets, reduction="sum"))
+            if ids is not None:
                 self.n_tok += ids[1:].numel()
         if "input_ids" in batch:
             self.tokens = (self.tokens or 0) + int(batch["input_ids"].numel())

@@ -214,3 +214,29 @@ def test_cli_bad_device(tmp_path):
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1 and why in errors[0], r.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_deviation_figures_match_a_direct_computation_whatever_the_token_step(monkeypatch):
+    """`verification.Deviation` works a few tokens at a time (bounded memory at large
+    vocabularies): its max differences and both perplexities are those of whole-batch formulas."""
+    import math
+
+    from normswap.verification import Deviation
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 150, 97) * 3
+    b = a + torch.randn_like(a) * 0.1
+    ids = torch.randint(0, 97, (3, 150))
+    ce = torch.nn.functional.cross_entropy
+    want_ppl = [math.exp(float(ce(x[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1)))) for x in (a, b)]
+    for step in (7, 64, 1000):
+        monkeypatch.setattr(Deviation, "TOKENS", step)
+        dev = Deviation(causal=True)
+        dev.add(a[:2], b[:2], {"input_ids": ids[:2]}, "logits")
+        dev.add(a[2:], b[2:], {"input_ids": ids[2:]}, "logits")
+        r = dev.result()
+        assert r["max_abs_diff"] == float((a - b).abs().max())
+        assert r["max_rel_diff"] == pytest.approx(float((a - b).abs().max() / a.abs().max()), rel=1e-6)
+        assert r["tokens"] == 450
+        assert r["ppl_original"] == pytest.approx(want_ppl[0], rel=1e-5)
+        assert r["ppl_converted"] == pytest.approx(want_ppl[1], rel=1e-5)
