@@ -197,6 +197,32 @@ def _by_output_slices(linear: nn.Module, compute: torch.dtype, slice_bytes: int 
     return forward
 
 
+def _lookup_then_cast(emb: nn.Embedding, compute: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`emb`'s forward for a table kept in the checkpoint's dtype: the rows are looked up there and
+    cast, then the class's own row-wise step (`_LOOKUPS`) runs in `compute`. The same values as a
+    lookup in a cast table, without the cast table: GPT-2's 50257 x 1600 embedding is 322 MB in
+    float32, and a centred one (CenteredEmbedding, after `--to rmsnorm` or DyT centring) was the
+    peak of a block-wise GPT-2-XL conversion."""
+    finish = _LOOKUPS[type(emb)]
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        e = nn.functional.embedding(ids, emb.weight, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        return finish(e.to(compute))
+
+    return forward
+
+
+def _lookup_classes() -> dict[type, Callable[[torch.Tensor], torch.Tensor]]:
+    """Embedding classes whose forward is a plain lookup then a row-wise step (identity for
+    nn.Embedding). Others (a scaled lookup in its own class) are cast whole while they run."""
+    from normswap.modules import CenteredEmbedding
+
+    return {nn.Embedding: lambda e: e, CenteredEmbedding: CenteredEmbedding.after_lookup}
+
+
+_LOOKUPS = _lookup_classes()
+
+
 class LazyWeights:
     """Gives an `empty_model` its weights, block by block, while forward passes run (a context
     manager: on exit every hook is removed and every weight it gave is dropped, the model's
@@ -273,8 +299,9 @@ class LazyWeights:
                 model.get_submodule(mod_name)._buffers[attr] = buf.to(self.device)
 
     def _cast_while_running(self, mod: nn.Module) -> None:
-        if type(mod) is nn.Embedding:  # a lookup, then the cast: the same values as a cast table, without one
-            self._handles.append(mod.register_forward_hook(self._cast_output))
+        if type(mod) in _LOOKUPS:  # a lookup, then the cast: the same values as a cast table, without one
+            self._forwards.append((mod, mod.__dict__.get("forward")))
+            mod.forward = _lookup_then_cast(mod, self.compute)
         elif type(mod) is nn.Linear or type(mod).__name__ == "Conv1D":  # a slice of the weight cast at a time
             self._forwards.append((mod, mod.__dict__.get("forward")))
             mod.forward = _by_output_slices(mod, self.compute)
@@ -337,9 +364,6 @@ class LazyWeights:
             if p is not None and p.is_floating_point() and p.dtype != self.compute:
                 self._stored[(id(mod), attr)] = p
                 mod._parameters[attr] = nn.Parameter(p.detach().to(self.compute), requires_grad=False)
-
-    def _cast_output(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        return out.to(self.compute) if out.is_floating_point() else out
 
     def _downcast(self, mod: nn.Module, args: Any, out: Any) -> None:
         for attr in list(mod._parameters):

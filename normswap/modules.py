@@ -122,7 +122,12 @@ class CenteredEmbedding(nn.Embedding):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Embedding's name
-        e = super().forward(input)
+        return self.after_lookup(super().forward(input))
+
+    @staticmethod
+    def after_lookup(e: torch.Tensor) -> torch.Tensor:
+        """What follows the plain lookup (row-wise: `normswap.blockwise` runs it on rows looked up
+        in the checkpoint's dtype and cast, not on a cast table)."""
         return e - e.mean(-1, keepdim=True)
 
 

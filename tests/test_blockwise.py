@@ -145,15 +145,20 @@ def test_a_large_linear_casts_its_weight_a_slice_at_a_time_with_the_same_outputs
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_a_bf16_model_with_every_linear_cast_per_call_gives_the_in_memory_outputs(name, monkeypatch):
-    """With every linear large enough to be cast per call (the threshold lowered to zero), a
-    block-wise pass of a bf16 model gives the logits of the whole model upcast in memory."""
+@pytest.mark.parametrize("name,centred", [("llama", False), ("gpt2", False), ("gpt2", True)])
+def test_a_bf16_model_with_every_linear_cast_per_call_gives_the_in_memory_outputs(name, centred, monkeypatch):
+    """With every linear and embedding large enough to be cast per call (the threshold lowered to
+    zero), a block-wise pass of a bf16 model gives the logits of the whole model upcast in memory;
+    embeddings (centred ones too, as after `--to rmsnorm` on GPT-2) look their rows up in bf16 and
+    never cast their whole table."""
     import normswap.blockwise as bw
     from normswap.archs.plan import build_plan
+    from normswap.modules import centre_lookups
     from normswap.verification import float32_compute
 
     model = tiny_model(name).eval().to(torch.bfloat16)
+    if centred:
+        centre_lookups(model.get_input_embeddings())
     plan = build_plan(model)
     batch = tiny_inputs(model, batch=2, length=9)
     with torch.no_grad(), float32_compute(model):
@@ -162,10 +167,17 @@ def test_a_bf16_model_with_every_linear_cast_per_call_gives_the_in_memory_output
     monkeypatch.setattr(bw, "_SMALL_BYTES", 0)
     monkeypatch.setattr(bw, "WEIGHT_SLICE_BYTES", 64 * 4 * 3)  # a few output features a slice
     lazy = bw.empty_model(model.config, type(model), torch.bfloat16)
+    if centred:
+        centre_lookups(lazy.get_input_embeddings())
+    upcast: list[str] = []
+    real_upcast = bw.LazyWeights._upcast
+    monkeypatch.setattr(bw.LazyWeights, "_upcast", lambda self, mod, args: (upcast.append(type(mod).__name__), real_upcast(self, mod, args))[1])
     with bw.LazyWeights(lazy, lambda n: state[n].clone(), bw.block_paths(lazy, [s.path for s in plan.sites])):
         assert any("forward" in m.__dict__ for m in lazy.modules() if type(m).__name__ in ("Linear", "Conv1D"))
+        assert "forward" in lazy.get_input_embeddings().__dict__
         with torch.no_grad():
             got = lazy(**batch).logits
+    assert not [n for n in upcast if "Embedding" in n]
     assert not any("forward" in m.__dict__ for m in lazy.modules())
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 

@@ -249,3 +249,26 @@ def test_smollm2_fold_is_exact(tmp_path, smollm2, tied_head, one_thread):
     stream_convert(smollm2, tmp_path / "stream", "rmsnorm", fold=True, tied_head=tied_head, copy_aux=False, save_tokenizer=False)
     mem, low = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
     assert sorted(mem) == sorted(low) and all(torch.equal(mem[k], low[k]) for k in mem)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fold_tensors_in_row_blocks_matches_the_float64_formula(conv1d, with_bias, monkeypatch):
+    """`fold_tensors` works a few rows of the stored weight at a time (here 3 rows a block): the
+    result is W diag(g) and c + W b (Linear) or diag(g) W and c + b W (GPT-2's Conv1D), computed
+    here whole in float64 and rounded once."""
+    import normswap.surgery.centre as centre
+    from normswap.surgery.fold import fold_tensors
+
+    torch.manual_seed(0)
+    n_in, n_out = 11, 7
+    w = torch.randn(n_in, n_out) if conv1d else torch.randn(n_out, n_in)
+    c = torch.randn(n_out) if with_bias else None
+    g, b = torch.rand(n_in) + 0.5, torch.randn(n_in)
+    W, g64, b64 = w.double(), g.double(), b.double()
+    want_w = (W * g64[:, None]) if conv1d else (W * g64[None, :])
+    want_c = (b64 @ W if conv1d else W @ b64) + (c.double() if c is not None else 0)
+    monkeypatch.setattr(centre, "BLOCK_ELEMS", 3 * w.shape[1])
+    got_w, got_c = fold_tensors(w.clone(), None if c is None else c.clone(), g, b, conv1d)
+    torch.testing.assert_close(got_w, want_w.float(), rtol=0, atol=0)
+    torch.testing.assert_close(got_c, want_c.float(), rtol=1e-7, atol=1e-7)

@@ -20,28 +20,26 @@ def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tenso
     """Reader (weight, bias) after absorbing the norm's (g, b); `weight` is updated in place.
 
     nn.Linear weight is [out, in] (y = W z + c); GPT-2's Conv1D is [in, out] (y = z @ W + c). A
-    reader without a bias gets a new one (in weight's dtype) when b is given. Arithmetic in float64;
-    nn.Linear weights are processed in row blocks (each output row is independent).
+    reader without a bias gets a new one (in weight's dtype) when b is given. Arithmetic in float64,
+    in row blocks of the stored weight.
     """
     shift = None
-    if conv1d:
-        W = weight.double()
-        if b is not None:
-            shift = b.double() @ W
-        if g is not None:
-            weight.copy_((W * g.double()[:, None]).to(weight.dtype))
-        del W
-    else:
-        b64 = None if b is None else b.double()
-        g64 = None if g is None else g.double()
+    b64 = None if b is None else b.double()
+    g64 = None if g is None else g.double()
+    if b64 is not None:
+        shift = torch.zeros(weight.shape[1] if conv1d else weight.shape[0], dtype=torch.float64, device=weight.device)
+    # In row blocks of ~BLOCK_ELEMS float64 values: a whole GPT-2-XL c_fc in float64 is 82 MB,
+    # twice over with its scaled copy. Linear: each output row is independent. Conv1D: a row is
+    # one input feature, scaled by its g; the shift b @ W sums over the blocks (in float64).
+    for rows in row_blocks(weight.shape[0], weight[0].numel() if weight.dim() else 1):
+        W = weight[rows].double()
         if b64 is not None:
-            shift = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
-        for rows in row_blocks(weight.shape[0], weight[0].numel() if weight.dim() else 1):
-            W = weight[rows].double()
-            if b64 is not None:
+            if conv1d:
+                shift += b64[rows] @ W
+            else:
                 shift[rows] = W @ b64
-            if g64 is not None:
-                weight[rows] = (W * g64[None, :]).to(weight.dtype)
+        if g64 is not None:
+            weight[rows] = (W * (g64[rows, None] if conv1d else g64[None, :])).to(weight.dtype)
     if shift is not None:
         if bias is None:
             bias = torch.zeros(shift.shape[0], dtype=weight.dtype, device=weight.device)
