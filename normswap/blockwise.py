@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from normswap.archs.trace import is_linear
+from normswap.modules import CenteredEmbedding
 
 # a resident module holding fewer bytes than this keeps its parameters in the compute dtype for
 # good (norms, biases, position tables): only embeddings and heads are cast per call
@@ -127,24 +128,32 @@ def _direct_bytes(mod: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in mod._parameters.values() if p is not None)
 
 
+def _glibc() -> Any:
+    """The C library if it is glibc (malloc_trim and mallopt), else None."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC: Any = None
+
+
 def _return_freed_memory() -> None:
     """Give the heap's freed pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A block's
     weights and activations are freed when the pass leaves it, but glibc keeps much of that memory
     in its arenas, fragmented: on a 0.86 GB Llama-shaped checkpoint the block-wise conversion's peak
     was 1.35 GB without this and 0.84 GB with it."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
 
 # Allocations of at least this many bytes get pages of their own from the OS (glibc's
 # M_MMAP_THRESHOLD), returned when freed, for the rest of the process once a block-wise pass runs:
@@ -159,19 +168,10 @@ def _allocate_large_tensors_apart() -> None:
     GPT-2-XL-shaped bf16 checkpoint (3.12 GB), peak over the imports: 0.93 GB with the rising
     threshold (about 8 MB more per block), 0.78 GB held at 1 MB, 0.40 GB held at 128 kB
     (docs/results/scale). A no-op where glibc is not the allocator."""
-    global _MMAP_SET
-    if _MMAP_SET:
-        return
-    _MMAP_SET = True
-    try:
-        import ctypes
+    lib = _glibc()
+    if lib is not None:
+        lib.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-_MMAP_SET = False
 
 # token-wise modules (`ModelPlan.token_wise`, the feed-forward) run this many tokens at a time
 TOKEN_ROWS = 512
@@ -239,15 +239,9 @@ def _lookup_then_cast(emb: nn.Embedding, compute: torch.dtype) -> Callable[[torc
     return forward
 
 
-def _lookup_classes() -> dict[type, Callable[[torch.Tensor], torch.Tensor]]:
-    """Embedding classes whose forward is a plain lookup then a row-wise step (identity for
-    nn.Embedding). Others (a scaled lookup in its own class) are cast whole while they run."""
-    from normswap.modules import CenteredEmbedding
-
-    return {nn.Embedding: lambda e: e, CenteredEmbedding: CenteredEmbedding.after_lookup}
-
-
-_LOOKUPS = _lookup_classes()
+# Embedding classes whose forward is a plain lookup then a row-wise step; others (a scaled lookup
+# in a class of its own) are cast whole while they run.
+_LOOKUPS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {nn.Embedding: lambda e: e, CenteredEmbedding: CenteredEmbedding.after_lookup}
 
 
 class LazyWeights:
