@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from normswap.archs.plan import ModelPlan, Site, build_plan
+from normswap.blockfit import BLOCK_STEPS
 from normswap.calibration import capture as _capture, dyt_error, fit_dyt, fit_in_forward, one_batch
 from normswap.devices import device_name
 from normswap.errors import NormswapError
@@ -40,8 +41,10 @@ TARGETS = ("rmsnorm", "dyt", "none")
 TIED_HEAD_CHOICES = ("auto", "center-embed", "untie")
 # How approximate targets are calibrated: "site" fits each norm to the original's output at that
 # site (least squares); "e2e" then fits every norm's parameters at once against the original
-# model's output (normswap.e2e: KL on logits, hidden states for encoders), nothing else moving.
-CALIBRATIONS = ("site", "e2e")
+# model's output (normswap.e2e: KL on logits, hidden states for encoders); "block" instead fits
+# each block's norms to the original block's output, one block at a time (normswap.blockfit).
+# Nothing but the norms' parameters moves.
+CALIBRATIONS = ("site", "e2e", "block")
 # Output dtypes (`--dtype`); "auto" (the default) is the source checkpoint's own floating dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -116,8 +119,8 @@ def check_options(to: str, *, tied_head: str = "auto", dtype: Any = "auto", alph
         raise NormswapError(f"--calib-tokens must be positive, got {calib_tokens}")
     if calibrate not in CALIBRATIONS:
         raise NormswapError(f"unknown --calibrate {calibrate!r}: choose one of {', '.join(CALIBRATIONS)}")
-    if calibrate == "e2e" and to == "rmsnorm":
-        raise NormswapError("--calibrate e2e fits approximate norms (--to dyt or none); --to rmsnorm has nothing to fit")
+    if calibrate != "site" and to == "rmsnorm":
+        raise NormswapError(f"--calibrate {calibrate} fits approximate norms (--to dyt or none); --to rmsnorm has nothing to fit")
     if e2e_steps is not None and e2e_steps < 1:
         raise NormswapError(f"--e2e-steps must be positive, got {e2e_steps}")
     if e2e_seconds is not None and not (math.isfinite(e2e_seconds) and e2e_seconds > 0):
@@ -167,7 +170,9 @@ def convert_model(
     `calibrate="e2e"` (DyT and none) follows the per-site start (or `alpha_init`) with a fit of
     every norm parameter against the original's outputs on the calibration data
     (`normswap.e2e.fit_end_to_end`): `e2e_steps` Adam steps at most (default `E2E_STEPS`), within
-    `e2e_seconds` if given. Nothing but the norms' parameters changes.
+    `e2e_seconds` if given. `calibrate="block"` follows it instead with block-local fits
+    (`normswap.blockfit.fit_blocks`): `e2e_steps` steps per block (default `BLOCK_STEPS`), all
+    within `e2e_seconds` if given. Nothing but the norms' parameters changes.
 
     `device` is where the model runs for calibration and verification ("auto": the first
     accelerator, else the CPU; `normswap.devices`); the surgery's float64 maths runs on whichever
@@ -229,7 +234,7 @@ def convert_model(
     # A second copy of the model only where the conversion needs the original itself: end-to-end
     # calibration's teacher, and the float32 re-check of an exact half-precision RMSNorm conversion.
     # Verification compares with the original's outputs, computed below before anything changes.
-    keep_original = calibrate == "e2e" or (to == "rmsnorm" and out_dtype != torch.float32)
+    keep_original = calibrate != "site" or (to == "rmsnorm" and out_dtype != torch.float32)
     original = copy.deepcopy(model) if keep_original else None
     # An exact-by-construction conversion (centred LayerNorm, or an RMSNorm kept or folded) is
     # checked on a short sample (256 tokens, one utterance); an approximate one, or any with
@@ -257,7 +262,7 @@ def convert_model(
         elif keeps_rmsnorm(plan, to):
             record.tied_head = _untie_for_fold(model, plan, tied_head, fold, warnings)
         calib_batches = None
-        if to == "none" or to == "dyt" and (alpha_init is None or calibrate == "e2e"):
+        if to == "none" or to == "dyt" and (alpha_init is None or calibrate != "site"):
             if is_speech(model) and processor is not None and calib_audio is None:
                 raise NormswapError(f"DyT calibration of {type(model).__name__} needs speech to fit on: give --calib-audio DIR "
                                     "(audio files, with a transcripts.tsv for teacher-forced decoder inputs)")
@@ -270,8 +275,15 @@ def convert_model(
 
         # Calibration runs the model: half precision on CPU runs it upcast to float32 (exactly; the
         # sites' new parameters are then rounded once, to the output dtype, below).
-        with float32_compute(model, *([original] if calibrate == "e2e" else []), enabled=calib_batches is not None):
-            e2e = None if calibrate == "site" else {"original": original, "steps": e2e_steps or E2E_STEPS, "seconds": e2e_seconds}
+        with float32_compute(model, *([original] if calibrate != "site" else []), enabled=calib_batches is not None):
+            e2e = None
+            if calibrate != "site" and calib_batches is not None:
+                from normswap.e2e import e2e_batches
+
+                # the fit's own batches: long blocks for causal LMs (attention over a long context is part of the fit)
+                fit_batches = e2e_batches(model, tokenizer=tokenizer, text=calib_text, n_tokens=calib_tokens, reuse=calib_batches)
+                e2e = {"mode": calibrate, "original": original, "batches": fit_batches, "seconds": e2e_seconds,
+                       "steps": e2e_steps or (E2E_STEPS if calibrate == "e2e" else BLOCK_STEPS)}
             _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean, e2e)
     cast_floats(model, out_dtype)
     model.config.dtype = out_dtype
@@ -701,17 +713,28 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             built.append((site, *entry))
     if bar is not None:
         bar.close()
-    if e2e is not None:
+    if e2e is not None and e2e["mode"] == "e2e":
         from normswap.e2e import fit_end_to_end
 
         with torch.enable_grad():
-            result.end_to_end = fit_end_to_end(model, e2e["original"], calib_batches, steps=e2e["steps"], time_budget_s=e2e["seconds"])
+            result.end_to_end = fit_end_to_end(model, e2e["original"], e2e["batches"], steps=e2e["steps"], time_budget_s=e2e["seconds"])
         logger.info("end-to-end calibration: %s %.4g -> %.4g in %d steps (%.0f s)%s", result.end_to_end["objective"],
                     result.end_to_end["loss_before"], result.end_to_end["loss_after"], result.end_to_end["steps"],
                     result.end_to_end["seconds"], ", reverted: it did not improve" if result.end_to_end["reverted"] else "")
         if not result.end_to_end["reverted"]:  # the fitted values are what folds now
             built = [(site, new, f"{method}+e2e", center, _foldable_affine(new, to, next(new.parameters(), None)))
                      for site, new, method, center, _ in built]
+    elif e2e is not None:
+        from normswap.blockfit import fit_blocks
+
+        result.end_to_end = fit_blocks(model, e2e["original"], e2e["batches"], steps=e2e["steps"], time_budget_s=e2e["seconds"])
+        logger.info("block calibration: mean unit loss %.4g -> %.4g over %d units (%.0f s), %d kept their start",
+                    result.end_to_end["loss_before"], result.end_to_end["loss_after"], result.end_to_end["units"],
+                    result.end_to_end["seconds"], len(result.end_to_end["reverted"]))
+        kept = set(result.end_to_end["reverted"])
+        built = [(site, new, method if any(site.path == u or site.path.startswith(u + ".") for u in kept) else f"{method}+block", center,
+                  _foldable_affine(new, to, next(new.parameters(), None)))
+                 for site, new, method, center, _ in built]
     for site, new, method, center, affine in built:
         _fold_site(model, plan, site, new, method, center, affine, to, fold, record)
 

@@ -84,6 +84,56 @@ def norm_parameters(model: nn.Module, paths: list[str] | None = None) -> list[tu
     return out
 
 
+class RelativeAdam:
+    """Adam in the relative coordinates of `norm_parameters` (see the module docstring): a positive
+    scale moves in log space, a linear parameter by lr times its own size. `lr` after a linear
+    warmup of `warmup` steps, cosine decay to `final_lr_ratio` * lr over the run (`frac` of it
+    done); the global gradient norm is clipped to `clip` in those coordinates. Each step writes the
+    float32 master values back into the parameters, in their own dtype."""
+
+    BETAS, EPS = (0.9, 0.999), 1e-12
+
+    def __init__(self, params: list[tuple[str, nn.Parameter, bool, torch.Tensor | None]], *, lr: float, warmup: int,
+                 final_lr_ratio: float = 0.1, clip: float = 1.0):
+        self.state = [_Param(n, p, log, sc, p.detach().float().clone(), torch.zeros_like(p, dtype=torch.float32),
+                             torch.zeros_like(p, dtype=torch.float32)) for n, p, log, sc in params]
+        self.lr, self.warmup, self.final_lr_ratio, self.clip = lr, warmup, final_lr_ratio, clip
+        self.steps = 0
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [s.param for s in self.state]
+
+    def rate(self, frac: float) -> float:
+        if self.steps <= self.warmup:
+            return self.lr * self.steps / max(self.warmup, 1)
+        return self.lr * (self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def step(self, grads: tuple[torch.Tensor | None, ...], frac: float) -> None:
+        """One update from the gradients of `parameters` (None: unused), `frac` of the run done."""
+        # gradients in the relative coordinates: d/d(log p) = p * d/dp; d/d(p / scale) = scale * d/dp
+        gs = []
+        for s, g in zip(self.state, grads):
+            g = torch.zeros_like(s.master) if g is None else g.float()
+            gs.append(g * s.master if s.log else g * s.scale)
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in gs))
+        if self.clip and norm > self.clip:
+            gs = [g * (self.clip / norm) for g in gs]
+        self.steps += 1
+        rate = self.rate(frac)
+        (beta1, beta2), t = self.BETAS, self.steps
+        with torch.no_grad():
+            for s, g in zip(self.state, gs):
+                s.m.mul_(beta1).add_(g, alpha=1 - beta1)
+                s.v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                upd = (s.m / (1 - beta1 ** t)) / ((s.v / (1 - beta2 ** t)).sqrt() + self.EPS)
+                if s.log:
+                    s.master.mul_(torch.exp(-rate * upd))
+                else:
+                    s.master.sub_(rate * upd * s.scale)
+                s.param.copy_(s.master.to(s.param.dtype))
+
+
 def _has_logits(out: Any) -> bool:
     return getattr(out, "logits", None) is not None
 
@@ -339,10 +389,8 @@ def fit_end_to_end(
 
         loss_before = evaluate()
         start = [p.detach().clone() for _, p, _, _ in params]
-        state = [_Param(n, p, log, sc, p.detach().float().clone(), torch.zeros_like(p, dtype=torch.float32),
-                        torch.zeros_like(p, dtype=torch.float32)) for n, p, log, sc in params]
         warmup = min(10, steps // 10) if warmup is None else warmup
-        beta1, beta2, eps = 0.9, 0.999, 1e-12
+        adam = RelativeAdam(params, lr=lr, warmup=warmup, final_lr_ratio=final_lr_ratio, clip=clip)
         if progress:
             from normswap.evaluation.progress import Progress
 
@@ -363,39 +411,18 @@ def fit_end_to_end(
             with torch.enable_grad():
                 out = _output(model(**pieces[i], **kwargs_model), objective)
                 loss = _loss(out, target(i), objective, _mask(pieces[i], out, objective), temperature, _next_tokens(pieces[i]))
-                grads = torch.autograd.grad(loss, [s.param for s in state], allow_unused=True)
+                grads = torch.autograd.grad(loss, adam.parameters, allow_unused=True)
             del out
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 stopped = "non-finite loss"
                 break
             losses.append(lv)
-            # gradients in the relative coordinates: d/d(log p) = p * d/dp; d/d(p / scale) = scale * d/dp
-            gs = []
-            for s, g in zip(state, grads):
-                g = torch.zeros_like(s.master) if g is None else g.float()
-                gs.append(g * s.master if s.log else g * s.scale)
-            norm = math.sqrt(sum(float(g.pow(2).sum()) for g in gs))
-            if clip and norm > clip:
-                gs = [g * (clip / norm) for g in gs]
             step += 1
             frac = step / steps
             if time_budget_s is not None:
                 frac = max(frac, (clock() - t0) / time_budget_s)
-            if step <= warmup:
-                rate = lr * step / max(warmup, 1)
-            else:
-                rate = lr * (final_lr_ratio + (1 - final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-            with torch.no_grad():
-                for s, g in zip(state, gs):
-                    s.m.mul_(beta1).add_(g, alpha=1 - beta1)
-                    s.v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    upd = (s.m / (1 - beta1 ** step)) / ((s.v / (1 - beta2 ** step)).sqrt() + eps)
-                    if s.log:
-                        s.master.mul_(torch.exp(-rate * upd))
-                    else:
-                        s.master.sub_(rate * upd * s.scale)
-                    s.param.copy_(s.master.to(s.param.dtype))
+            adam.step(grads, frac)
             if bar is not None:
                 bar.set_postfix(loss=f"{lv:.4g}")
                 bar.update(1, tokens=_tokens(pieces[i]))
@@ -445,16 +472,24 @@ E2E_BLOCK = 1024
 
 
 def e2e_batches(model: nn.Module, *, tokenizer: Any = None, processor: Any = None, text: str | None = None, audio: Any = None,
-                n_tokens: int = 4096, seed: int = 0, audio_subsets: Any = None, teacher: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
-    """Calibration batches shaped for `fit_end_to_end` (`normswap.samples.model_inputs` underneath).
+                n_tokens: int = 4096, seed: int = 0, audio_subsets: Any = None, teacher: nn.Module | None = None,
+                reuse: list[dict[str, torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches shaped for `fit_end_to_end` and `normswap.blockfit.fit_blocks`
+    (`normswap.samples.model_inputs` underneath).
 
-    Causal LMs and text encoder-decoders: blocks of min(E2E_BLOCK, the model's context) tokens, one
-    a batch (a step then sees a whole long context). Encoders (BERT family): model_inputs' blocks
-    of 128 tokens, 8 a batch. Speech models: one utterance a batch, as model_inputs makes them."""
+    Causal LMs and text encoder-decoders: blocks of min(E2E_BLOCK, the model's context) tokens, as
+    many a batch as make about E2E_BLOCK tokens (a step then sees a whole long context). Encoders (BERT family): model_inputs' blocks
+    of 128 tokens, 8 a batch. Speech models: one utterance a batch, as model_inputs makes them.
+    `reuse`: the per-site calibration batches, returned as they are where they have that shape
+    already (encoders, speech: their teacher-forced decoder inputs are not made twice)."""
     from normswap.samples import is_encoder, is_speech, max_positions, model_inputs
 
     if is_speech(model) or getattr(model, "main_input_name", "input_ids") != "input_ids" or is_encoder(model):
+        if reuse is not None:
+            return reuse
         return model_inputs(model, tokenizer=tokenizer, processor=processor, text=text, audio=audio, n_tokens=n_tokens, seed=seed,
                             what="calibration", teacher=teacher, audio_subsets=audio_subsets)
     block = min(E2E_BLOCK, max_positions(model))
-    return model_inputs(model, tokenizer=tokenizer, text=text, n_tokens=n_tokens, block=block, batch_size=1, seed=seed, what="calibration")
+    # a step sees about E2E_BLOCK tokens: one block, or several rows of a model with a shorter context
+    return model_inputs(model, tokenizer=tokenizer, text=text, n_tokens=n_tokens, block=block, batch_size=max(1, E2E_BLOCK // block),
+                        seed=seed, what="calibration")

@@ -220,8 +220,8 @@ def streamable(to: str, alpha_init: float | None = None, approximate_ok: bool = 
     is kept for library callers that measure the output themselves: it skips the measurement.)"""
     if to == "none":
         return "--to none is calibrated on a centred stream, which the streaming path does not run yet"
-    if calibrate == "e2e":
-        return "--calibrate e2e fits every norm at once against the original model, which needs both models in memory"
+    if calibrate != "site":
+        return f"--calibrate {calibrate} fits the norms against the original model, which needs both models in memory"
     return None
 
 

@@ -13,7 +13,10 @@ calibration, `normswap.e2e.fit_end_to_end`, against the original):
   then optionally end-to-end;
 - `e2e-from-alpha-0.5`: end-to-end from the constant-alpha start;
 - `e2e-channel`: `ls-sequential` with each scalar alpha copied into a per-channel alpha (the same
-  function, `normswap.calibration.widen_alpha`), then end-to-end: per-channel alphas without a per-channel refit.
+  function, `normswap.calibration.widen_alpha`), then end-to-end: per-channel alphas without a per-channel refit;
+- `block`, `block+e2e`, `VARIANT:block`: the start (`ls-sequential`, or the VARIANT refit), then
+  block-local calibration (`normswap.blockfit.fit_blocks`, `--block-steps` per unit), then optionally
+  end-to-end.
 For `--to none` the rows are `none` (the conversion's average-RMS scales) and `none:e2e`.
 
 Measures (the project's protocols, see docs/results/README.md and assets/README.md):
@@ -133,7 +136,7 @@ def parse_row(row: str, to: str) -> dict[str, Any]:
     if to == "none":
         if row not in ("none", "none:e2e"):
             raise SystemExit(f"--to none rows are none and none:e2e, not {row!r}")
-        return {"convert": {}, "variant": None, "e2e": row.endswith(":e2e"), "widen": False}
+        return {"convert": {}, "variant": None, "e2e": row.endswith(":e2e"), "widen": False, "block": False}
     fixed = {
         "alpha-0.5": ({"alpha_init": 0.5}, None, False),
         "ls-parallel": ({"sequential": False}, None, False),
@@ -145,11 +148,14 @@ def parse_row(row: str, to: str) -> dict[str, Any]:
     }
     if row in fixed:
         conv, variant, e2e = fixed[row]
-        return {"convert": conv, "variant": variant, "e2e": e2e, "widen": row == "e2e-channel"}
+        return {"convert": conv, "variant": variant, "e2e": e2e, "widen": row == "e2e-channel", "block": False}
+    if row in ("block", "block+e2e"):
+        return {"convert": {}, "variant": None, "e2e": row == "block+e2e", "widen": False, "block": True}
     variant, _, stage = row.partition(":")
-    if variant in VARIANTS and stage in ("ls", "e2e"):
-        return {"convert": {}, "variant": variant, "e2e": stage == "e2e", "widen": False}
-    raise SystemExit(f"unknown row {row!r}: {', '.join(fixed)}, or VARIANT:ls / VARIANT:e2e with VARIANT in {', '.join(VARIANTS)}")
+    if variant in VARIANTS and stage in ("ls", "e2e", "block"):
+        return {"convert": {}, "variant": variant, "e2e": stage == "e2e", "widen": False, "block": stage == "block"}
+    raise SystemExit(f"unknown row {row!r}: {', '.join(fixed)}, block, block+e2e, or VARIANT:ls / VARIANT:e2e / VARIANT:block "
+                     f"with VARIANT in {', '.join(VARIANTS)}")
 
 
 def run_row(args, name: str, row: str, evaluator: Evaluator, original: torch.nn.Module, text: str) -> dict[str, Any]:
@@ -180,7 +186,7 @@ def run_row(args, name: str, row: str, evaluator: Evaluator, original: torch.nn.
                             timing)
     out: dict[str, Any] = {"row": row, "to": args.to, "calib_tokens": args.calib_tokens, **timing, "load_before": load0}
     batches = None
-    if how["e2e"]:
+    if how["e2e"] or how["block"]:
         if args.e2e_block is None:
             batches = e2e_batches(model, tokenizer=evaluator.tok, text=text, n_tokens=args.calib_tokens)
         else:
@@ -205,6 +211,14 @@ def run_row(args, name: str, row: str, evaluator: Evaluator, original: torch.nn.
         from normswap.calibration import widen_alpha
 
         out["widened"] = len(widen_alpha(model))
+    if how["block"]:
+        from normswap.blockfit import fit_blocks
+
+        fit = fit_blocks(model, original, batches, steps=args.block_steps, lr=args.e2e_lr, progress=True)
+        out["block"] = {k: v for k, v in fit.items() if k != "per_unit"}
+        out["block_per_unit"] = fit["per_unit"]
+        out["block_s"], out["block_cpu_s"] = fit["seconds"], fit["cpu_seconds"]
+        out["e2e_batches"] = [list(next(iter(b.values())).shape) for b in batches[:1]] + [len(batches)]
     if how["e2e"]:
         e2e = fit_end_to_end(model, original, batches, steps=args.e2e_steps, lr=args.e2e_lr, objective=args.objective,
                              time_budget_s=args.e2e_time, rows_per_step=args.rows_per_step, progress=True,
@@ -212,8 +226,9 @@ def run_row(args, name: str, row: str, evaluator: Evaluator, original: torch.nn.
         out["e2e"] = e2e
         out["e2e_s"], out["e2e_cpu_s"] = e2e["seconds"], e2e["cpu_seconds"]
         out["e2e_batches"] = [list(next(iter(b.values())).shape) for b in batches[:1]] + [len(batches)]
-    out["calibration_s"] = out["convert_s"] + out.get("variant_ls_s", 0.0) + out.get("e2e_s", 0.0)
-    out["calibration_cpu_s"] = out["convert_cpu_s"] + out.get("variant_ls_cpu_s", 0.0) + out.get("e2e_cpu_s", 0.0)
+    out["calibration_s"] = out["convert_s"] + out.get("variant_ls_s", 0.0) + out.get("block_s", 0.0) + out.get("e2e_s", 0.0)
+    out["calibration_cpu_s"] = (out["convert_cpu_s"] + out.get("variant_ls_cpu_s", 0.0) + out.get("block_cpu_s", 0.0)
+                                + out.get("e2e_cpu_s", 0.0))
     out["metrics"] = evaluator(model)
     out["load_after"] = loadavg()
     out["threads"] = torch.get_num_threads()
@@ -256,14 +271,18 @@ def report(out_dir: Path) -> str:
         metric = "spearman" if "spearman" in orig else "ppl"
         lines += [f"## {key}", "", f"Original: {metric} {orig.get(metric, float('nan')):.4g}. Protocol: `{json.dumps(model.get('protocol'))}`. "
                   f"Calibration text: {model.get('calib_text')}.", "",
-                  f"| row | {metric} | calibration CPU s (convert + refit + e2e) | wall s | e2e steps | e2e loss before -> after | load |",
+                  f"| row | {metric} | calibration CPU s (convert + refit + block + e2e) | wall s | e2e steps | "
+                  "block / e2e loss before -> after | load |",
                   "|---|---|---|---|---|---|---|"]
         for row, r in model["rows"].items():
             m = r["metrics"].get(metric)
             e = r.get("e2e")
             secs = (f"{r['calibration_cpu_s']:.0f} ({r['convert_cpu_s']:.0f} + {r.get('variant_ls_cpu_s', 0):.0f} + "
-                    f"{r.get('e2e_cpu_s', 0):.0f})")
-            loss = f"{e['loss_before']:.4g} -> {e['loss_after']:.4g}" if e else ""
+                    f"{r.get('block_cpu_s', 0):.0f} + {r.get('e2e_cpu_s', 0):.0f})")
+            blk = r.get("block")
+            losses = ([f"block {blk['loss_before']:.3g} -> {blk['loss_after']:.3g} ({blk['units']} units x {blk['steps_per_unit']})"]
+                      if blk else []) + ([f"{e['loss_before']:.4g} -> {e['loss_after']:.4g}"] if e else [])
+            loss = "; ".join(losses)
             steps = f"{e['steps']} ({e['stopped']}, lr {e['lr']:g}, {e['objective']})" if e else ""
             shown = "undefined (degenerate embeddings)" if m is None else f"{m:.4g}"
             lines.append(f"| `{row}` | {shown} | {secs} | {r['calibration_s']:.0f} | {steps} | {loss} | "
@@ -289,6 +308,7 @@ def main() -> None:
                     help="tokens per calibration block for the e2e fit (default: normswap.e2e.e2e_batches' choice)")
     ap.add_argument("--e2e-batch", type=int, default=8, help="blocks per calibration batch with --e2e-block")
     ap.add_argument("--rows-per-step", type=int, default=None)
+    ap.add_argument("--block-steps", type=int, default=20, help="Adam steps per unit of the block rows")
     ap.add_argument("--objective", default="auto")
     ap.add_argument("--max-eval-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)

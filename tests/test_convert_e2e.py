@@ -20,10 +20,22 @@ def _is_norm_param(model, key: str, sites: set[str]) -> bool:
     return owner in sites and name in NORM_PARAMS
 
 
+def _source(name: str):
+    """The tiny model; GPT-2's with an untied head scaled up: its random-init next-token
+    distributions are nearly uniform, a KL of 1e-5 that 40 steps need not lower (whether they did
+    depended on the tests run before)."""
+    if name != "gpt2":
+        return tiny_model(name)
+    model = tiny_model("gpt2", tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
 @pytest.mark.parametrize("name,to", [("gpt2", "dyt"), ("llama", "none"), ("bert", "dyt")])
 def test_only_norm_parameters_move_and_the_fit_improves(name, to):
-    site, r_site = convert_model(tiny_model(name), to, calib_tokens=512, fold=False)
-    e2e, r_e2e = convert_model(tiny_model(name), to, calib_tokens=512, fold=False, calibrate="e2e", e2e_steps=40)
+    site, r_site = convert_model(_source(name), to, calib_tokens=512, fold=False)
+    e2e, r_e2e = convert_model(_source(name), to, calib_tokens=512, fold=False, calibrate="e2e", e2e_steps=40)
     sites = {s.path for s in r_e2e.record.sites}
     a, b = site.state_dict(), e2e.state_dict()
     assert a.keys() == b.keys()
