@@ -281,7 +281,7 @@ def report(out_dir: Path) -> str:
                     f"{r.get('block_cpu_s', 0):.0f} + {r.get('e2e_cpu_s', 0):.0f})")
             blk = r.get("block")
             losses = ([f"block {blk['loss_before']:.3g} -> {blk['loss_after']:.3g} ({blk['units']} units x {blk['steps_per_unit']})"]
-                      if blk else []) + ([f"{e['loss_before']:.4g} -> {e['loss_after']:.4g}"] if e else [])
+                      if blk else []) + ([f"{e['loss_before']:.4g} -> {e['loss_after']:.4g}" + (" (reverted: it rose)" if e.get("reverted") else "")] if e else [])
             loss = "; ".join(losses)
             steps = f"{e['steps']} ({e['stopped']}, lr {e['lr']:g}, {e['objective']})" if e else ""
             shown = "undefined (degenerate embeddings)" if m is None else f"{m:.4g}"
