@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from normswap.calibration import hooked_forward, input_device, no_cache
-from normswap.e2e import RelativeAdam, norm_parameters, norm_types
+from normswap.e2e import RelativeAdam, norm_parameters, norm_types, restore_modes
 
 # Adam steps per unit by default: measured on SmolLM2-135M-Instruct (docs/results/calibration-ablation).
 BLOCK_STEPS = 20
@@ -219,7 +219,4 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
     finally:
         if bar is not None:
             bar.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training[0])
-        original.train(was_training[1])
+        restore_modes(flags, (model, original), was_training)

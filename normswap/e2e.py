@@ -134,6 +134,15 @@ class RelativeAdam:
                 s.param.copy_(s.master.to(s.param.dtype))
 
 
+def restore_modes(flags: list[tuple[nn.Parameter, bool]], models: tuple[nn.Module, ...], training: tuple[bool, ...]) -> None:
+    """Put back what a norm fit changed: each parameter's requires_grad flag and each model's
+    train/eval mode."""
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for m, mode in zip(models, training):
+        m.train(mode)
+
+
 def _has_logits(out: Any) -> bool:
     return getattr(out, "logits", None) is not None
 
@@ -458,10 +467,7 @@ def fit_end_to_end(
     finally:
         if bar is not None:
             bar.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training[0])
-        original.train(was_training[1])
+        restore_modes(flags, (model, original), was_training)
 
 
 # Block length of end-to-end calibration batches for causal LMs and text encoder-decoders: long
