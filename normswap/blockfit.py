@@ -132,6 +132,7 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
     bar = None
     report: list[tuple[str, float, float]] = []
     reverted: list[str] = []
+    unit_sites: dict[str, list[str]] = {}
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -153,8 +154,8 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
         gen = torch.Generator().manual_seed(seed)
         for u, unit in enumerate(units):
             mod = get_module(model, unit)
-            inside = [s for s in sites if s == unit or s.startswith(unit + ".")]
-            params = norm_parameters(model, inside)
+            unit_sites[unit] = [s for s in sites if s == unit or s.startswith(unit + ".")]
+            params = norm_parameters(model, unit_sites[unit])
             inputs = [_unit_inputs(model, unit, b) for b in batches]
             masks = [_token_mask(b, targets[i][unit]) for i, b in enumerate(batches)]
 
@@ -210,6 +211,7 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
             "loss_before": sum(r[1] for r in report) / len(report),
             "loss_after": sum(r[2] for r in report) / len(report),
             "reverted": reverted,
+            "fitted_sites": [s for u in units if u not in reverted for s in unit_sites[u]],  # the values it changed
             "seconds": time.perf_counter() - wall0,
             "cpu_seconds": time.process_time() - cpu0,
             "parameters": sum(p.numel() for _, p, _, _ in norm_parameters(model, sites)),

@@ -278,10 +278,11 @@ def convert_model(
         with float32_compute(model, *([original] if calibrate != "site" else []), enabled=calib_batches is not None):
             e2e = None
             if calibrate != "site" and calib_batches is not None:
-                from normswap.e2e import e2e_batches
+                from normswap.e2e import e2e_batches, long_blocks
 
                 # the fit's own batches: long blocks for causal LMs (attention over a long context is part of the fit)
-                fit_batches = e2e_batches(model, tokenizer=tokenizer, text=calib_text, n_tokens=calib_tokens, reuse=calib_batches)
+                fit_batches = (e2e_batches(model, tokenizer=tokenizer, text=calib_text, n_tokens=calib_tokens) if long_blocks(model)
+                               else calib_batches)
                 e2e = {"mode": calibrate, "original": original, "batches": fit_batches, "seconds": e2e_seconds,
                        "steps": e2e_steps or (E2E_STEPS if calibrate == "e2e" else BLOCK_STEPS)}
             _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean, e2e)
@@ -318,6 +319,8 @@ def convert_model(
         warnings.append(half_rounding_note(out_dtype, deviation, tolerance, exact32.verification["max_rel_diff"]))
         deviation = 0.0
     del original
+    # the verdict `--verify` reports: half-precision rounding explained above counts as within
+    result.verification["within_bound"] = deviation <= tolerance
     if record.exact and deviation > tolerance:
         raise NormswapError(
             f"the conversion claims to be exact, but its {result.verification['output']} differ from the original's by "
@@ -713,30 +716,34 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
             built.append((site, *entry))
     if bar is not None:
         bar.close()
-    if e2e is not None and e2e["mode"] == "e2e":
+    if e2e is not None:
+        fitted = _fit_norms(model, e2e, result)
+        # the fitted values are what folds now
+        built = [(site, new, f"{method}+{e2e['mode']}", center, _foldable_affine(new, to, next(new.parameters(), None)))
+                 if site.path in fitted else (site, new, method, center, affine) for site, new, method, center, affine in built]
+    for site, new, method, center, affine in built:
+        _fold_site(model, plan, site, new, method, center, affine, to, fold, record)
+
+
+def _fit_norms(model: nn.Module, e2e: dict[str, Any], result: ConversionResult) -> set[str]:
+    """The fit after the per-site start (`e2e["mode"]`: "e2e" or "block"); its summary goes to
+    `result.end_to_end`. Returns the paths of the sites whose values it changed (none where a fit
+    was reverted)."""
+    if e2e["mode"] == "e2e":
         from normswap.e2e import fit_end_to_end
 
         with torch.enable_grad():
-            result.end_to_end = fit_end_to_end(model, e2e["original"], e2e["batches"], steps=e2e["steps"], time_budget_s=e2e["seconds"])
-        logger.info("end-to-end calibration: %s %.4g -> %.4g in %d steps (%.0f s)%s", result.end_to_end["objective"],
-                    result.end_to_end["loss_before"], result.end_to_end["loss_after"], result.end_to_end["steps"],
-                    result.end_to_end["seconds"], ", reverted: it did not improve" if result.end_to_end["reverted"] else "")
-        if not result.end_to_end["reverted"]:  # the fitted values are what folds now
-            built = [(site, new, f"{method}+e2e", center, _foldable_affine(new, to, next(new.parameters(), None)))
-                     for site, new, method, center, _ in built]
-    elif e2e is not None:
+            summary = fit_end_to_end(model, e2e["original"], e2e["batches"], steps=e2e["steps"], time_budget_s=e2e["seconds"])
+        logger.info("end-to-end calibration: %s %.4g -> %.4g in %d steps (%.0f s)%s", summary["objective"], summary["loss_before"],
+                    summary["loss_after"], summary["steps"], summary["seconds"], ", reverted: it did not improve" if summary["reverted"] else "")
+    else:
         from normswap.blockfit import fit_blocks
 
-        result.end_to_end = fit_blocks(model, e2e["original"], e2e["batches"], steps=e2e["steps"], time_budget_s=e2e["seconds"])
-        logger.info("block calibration: mean unit loss %.4g -> %.4g over %d units (%.0f s), %d kept their start",
-                    result.end_to_end["loss_before"], result.end_to_end["loss_after"], result.end_to_end["units"],
-                    result.end_to_end["seconds"], len(result.end_to_end["reverted"]))
-        kept = set(result.end_to_end["reverted"])
-        built = [(site, new, method if any(site.path == u or site.path.startswith(u + ".") for u in kept) else f"{method}+block", center,
-                  _foldable_affine(new, to, next(new.parameters(), None)))
-                 for site, new, method, center, _ in built]
-    for site, new, method, center, affine in built:
-        _fold_site(model, plan, site, new, method, center, affine, to, fold, record)
+        summary = fit_blocks(model, e2e["original"], e2e["batches"], steps=e2e["steps"], time_budget_s=e2e["seconds"])
+        logger.info("block calibration: mean unit loss %.4g -> %.4g over %d units (%.0f s), %d kept their start", summary["loss_before"],
+                    summary["loss_after"], summary["units"], summary["seconds"], len(summary["reverted"]))
+    result.end_to_end = summary
+    return set(summary["fitted_sites"])
 
 
 # End-to-end calibration's default step budget (`calibrate="e2e"`): see docs/results/calibration-ablation.

@@ -460,6 +460,7 @@ def fit_end_to_end(
             "cpu_seconds": time.process_time() - cpu0,
             "parameters": sum(p.numel() for _, p, _, _ in params),
             "sites": len({n.rsplit(".", 1)[0] for n, _, _, _ in params}),
+            "fitted_sites": [] if reverted else sorted({n.rsplit(".", 1)[0] for n, _, _, _ in params}),  # the values it changed
             "tokens_per_step": sum(_tokens(p) for p in pieces) / len(pieces),
             "lr": lr,
             "teacher_cache": str(cache_dtype).replace("torch.", "") if cached else "none (recomputed each step)",
@@ -477,22 +478,27 @@ def fit_end_to_end(
 E2E_BLOCK = 1024
 
 
+def long_blocks(model: nn.Module) -> bool:
+    """Whether the norm fits take their own long-context batches (`e2e_batches`) rather than the
+    per-site calibration batches: causal LMs and text encoder-decoders do; encoders and speech
+    models do not."""
+    from normswap.samples import is_encoder, is_speech
+
+    return not (is_speech(model) or getattr(model, "main_input_name", "input_ids") != "input_ids" or is_encoder(model))
+
+
 def e2e_batches(model: nn.Module, *, tokenizer: Any = None, processor: Any = None, text: str | None = None, audio: Any = None,
-                n_tokens: int = 4096, seed: int = 0, audio_subsets: Any = None, teacher: nn.Module | None = None,
-                reuse: list[dict[str, torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
+                n_tokens: int = 4096, seed: int = 0, audio_subsets: Any = None, teacher: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
     """Calibration batches shaped for `fit_end_to_end` and `normswap.blockfit.fit_blocks`
     (`normswap.samples.model_inputs` underneath).
 
     Causal LMs and text encoder-decoders: blocks of min(E2E_BLOCK, the model's context) tokens, as
     many a batch as make about E2E_BLOCK tokens (a step then sees a whole long context). Encoders (BERT family): model_inputs' blocks
-    of 128 tokens, 8 a batch. Speech models: one utterance a batch, as model_inputs makes them.
-    `reuse`: the per-site calibration batches, returned as they are where they have that shape
-    already (encoders, speech: their teacher-forced decoder inputs are not made twice)."""
-    from normswap.samples import is_encoder, is_speech, max_positions, model_inputs
+    of 128 tokens, 8 a batch. Speech models: one utterance a batch, as model_inputs makes them: the
+    per-site calibration batches (`long_blocks` says which)."""
+    from normswap.samples import max_positions, model_inputs
 
-    if is_speech(model) or getattr(model, "main_input_name", "input_ids") != "input_ids" or is_encoder(model):
-        if reuse is not None:
-            return reuse
+    if not long_blocks(model):
         return model_inputs(model, tokenizer=tokenizer, processor=processor, text=text, audio=audio, n_tokens=n_tokens, seed=seed,
                             what="calibration", teacher=teacher, audio_subsets=audio_subsets)
     block = min(E2E_BLOCK, max_positions(model))

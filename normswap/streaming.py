@@ -495,6 +495,7 @@ def stream_convert(
                 if check32["max_rel_diff"] <= EXACT_TOLERANCE["float32"]:
                     warnings.append(half_rounding_note(out_dtype, deviation, tolerance, check32["max_rel_diff"]))
                     deviation = 0.0
+            result.verification["within_bound"] = deviation <= tolerance  # as the in-memory path
             if record.exact and deviation > tolerance:
                 raise NormswapError(
                     f"the conversion claims to be exact, but its {result.verification['output']} differ from the original's by "
