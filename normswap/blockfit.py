@@ -11,7 +11,10 @@ that read the norms, which a per-site fit ignores.
 
 - The unit's inputs are what the converted model, its earlier units already fitted, passes it
   (the stream and every keyword: rotary tables, masks, a decoder's encoder states), captured by
-  a forward pass that stops at the unit.
+  a forward pass that stops at the unit. Where the previous unit hands its output straight on
+  (consecutive decoder layers), the pass runs on the first batch only, to show that, and the
+  other batches' inputs are the previous unit's outputs and keywords (`_carry`): the prefix is
+  not run again for them.
 - Its target is the original model's output of the same module on the same batch: the original
   trajectory, so a unit may correct part of the drift its prefix left.
 - The loss is each token's squared error relative to its target's squared norm, averaged over
@@ -78,6 +81,54 @@ def _unit_inputs(model: nn.Module, unit: str, batch: dict[str, torch.Tensor]) ->
     if not seen:
         raise RuntimeError(f"block calibration: {unit} never ran in the forward pass")
     return seen[0]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two captured inputs are the same value: the same object, equal tensors (shape, dtype
+    and every element), or tuples / lists / plain constants of such."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return isinstance(a, (bool, int, float, str, type(None))) and type(a) is type(b) and a == b
+
+
+def _carry(probe: tuple[tuple, dict[str, Any]], prev: tuple[tuple, dict[str, Any]], prev_out: torch.Tensor):
+    """How to build a unit's inputs from the previous unit's, or None where they are not carried.
+
+    `probe` is the unit's (args, kwargs) captured on the first batch; `prev` and `prev_out` are the
+    previous unit's inputs and output on that batch. The inputs are carried when exactly one of
+    the unit's inputs is the previous unit's output and each other one is the previous unit's input
+    under the same position or keyword, or a plain constant. Returns a function of the previous
+    unit's (inputs, output) on any batch, giving this unit's inputs there."""
+    pargs, pkw = prev
+    slots: list[tuple[str, Any]] = []  # per input: ("out", None) / ("arg", j) / ("kw", key) / ("const", value)
+    items = [(("a", j), v) for j, v in enumerate(probe[0])] + [(("k", k), v) for k, v in probe[1].items()]
+    for (kind, key), v in items:
+        if isinstance(v, torch.Tensor) and _same(v, prev_out):
+            slots.append(("out", None))
+        elif kind == "a" and key < len(pargs) and _same(v, pargs[key]):
+            slots.append(("arg", key))
+        elif kind == "k" and key in pkw and _same(v, pkw[key]):
+            slots.append(("kw", key))
+        elif isinstance(v, (bool, int, float, str, type(None))):  # a plain constant (None, a flag)
+            slots.append(("const", v))
+        else:
+            return None
+    if sum(s[0] == "out" for s in slots) != 1:
+        return None
+    n_args = len(probe[0])
+    keys = list(probe[1])
+
+    def build(inputs: tuple[tuple, dict[str, Any]], out: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        a, kw = inputs
+        vals = [out if s == "out" else a[x] if s == "arg" else kw[x] if s == "kw" else x for s, x in slots]
+        return tuple(vals[:n_args]), dict(zip(keys, vals[n_args:]))
+
+    return build
 
 
 def _token_mask(batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
@@ -152,19 +203,35 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
             bar = Progress(len(units) * steps, "block calibration", None, unit="steps")
             bar.restart()
         gen = torch.Generator().manual_seed(seed)
+        prev: list[tuple[tuple, dict[str, Any]]] | None = None  # the previous unit's inputs and outputs, per batch
+        prev_outs: list[torch.Tensor] | None = None
+        carried = 0
         for u, unit in enumerate(units):
             mod = get_module(model, unit)
             unit_sites[unit] = [s for s in sites if s == unit or s.startswith(unit + ".")]
             params = norm_parameters(model, unit_sites[unit])
-            inputs = [_unit_inputs(model, unit, b) for b in batches]
+            probe = _unit_inputs(model, unit, batches[0])
+            build = None if prev is None else _carry(probe, prev[0], prev_outs[0])
+            if build is not None:
+                inputs = [probe] + [build(prev[i], prev_outs[i]) for i in range(1, len(batches))]
+                carried += 1
+            else:
+                inputs = [probe] + [_unit_inputs(model, unit, b) for b in batches[1:]]
+            del prev, prev_outs
             masks = [_token_mask(b, targets[i][unit]) for i, b in enumerate(batches)]
+
+            def outputs() -> list[torch.Tensor]:
+                with torch.no_grad():
+                    return [_main(mod(*a, **kw)).detach() for a, kw in inputs]
+
+            def mean_loss(outs: list[torch.Tensor]) -> float:
+                return sum(float(token_relative_error(o, targets[i][unit], masks[i])) for i, o in enumerate(outs)) / len(outs)
 
             def loss_on(i: int) -> torch.Tensor:
                 args, kwargs = inputs[i]
                 return token_relative_error(_main(mod(*args, **kwargs)), targets[i][unit], masks[i])
 
-            with torch.no_grad():
-                before = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
+            before = mean_loss(outputs())
             start = [p.detach().clone() for _, p, _, _ in params]
             budget = None
             if time_budget_s is not None:
@@ -193,20 +260,24 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
                     bar.update(1)
             for p in adam.parameters:
                 p.requires_grad_(False)
-            with torch.no_grad():
-                after = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches) if finite else math.inf
-                if not after <= before:  # worse, or not finite: the unit keeps its start
+            outs = outputs()
+            after = mean_loss(outs) if finite else math.inf
+            if not after <= before:  # worse, or not finite: the unit keeps its start
+                with torch.no_grad():
                     for (_, p, _, _), p0 in zip(params, start):
                         p.copy_(p0)
-                    reverted.append(unit)
-                    after = before
+                reverted.append(unit)
+                after = before
+                outs = outputs()
             report.append((unit, before, after))
-            del inputs
+            prev, prev_outs = inputs, outs  # what the next unit may be handed
+            del inputs, outs
         if bar is not None:
             bar.close()
         return {
             "mode": "block",
             "units": len(units),
+            "carried_units": carried,  # units whose inputs came from the previous unit, not a forward pass a batch
             "steps_per_unit": steps,
             "loss_before": sum(r[1] for r in report) / len(report),
             "loss_after": sum(r[2] for r in report) / len(report),

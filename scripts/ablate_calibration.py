@@ -185,12 +185,15 @@ def run_row(args, name: str, row: str, evaluator: Evaluator, original: torch.nn.
         CONVERSIONS[key] = ({p: copy.deepcopy(get_module(model, p)) for p, m in model.named_modules() if isinstance(m, norm_types())},
                             timing)
     out: dict[str, Any] = {"row": row, "to": args.to, "calib_tokens": args.calib_tokens, **timing, "load_before": load0}
+    if args.e2e_tokens:
+        out["e2e_tokens"] = args.e2e_tokens
     batches = None
     if how["e2e"] or how["block"]:
         if args.e2e_block is None:
-            batches = e2e_batches(model, tokenizer=evaluator.tok, text=text, n_tokens=args.calib_tokens)
+            batches = e2e_batches(model, tokenizer=evaluator.tok, text=text, n_tokens=args.e2e_tokens or args.calib_tokens)
         else:
-            batches = model_inputs(model, tokenizer=evaluator.tok, text=text, n_tokens=args.calib_tokens, block=args.e2e_block,
+            batches = model_inputs(model, tokenizer=evaluator.tok, text=text, n_tokens=args.e2e_tokens or args.calib_tokens,
+                                   block=args.e2e_block,
                                    batch_size=args.e2e_batch, what="calibration")
     if how["variant"] is not None:
         vkey = key + how["variant"]
@@ -299,6 +302,8 @@ def main() -> None:
     ap.add_argument("--to", default="dyt", choices=["dyt", "none"])
     ap.add_argument("--rows", default="alpha-0.5,ls-parallel,ls-sequential,e2e")
     ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--e2e-tokens", type=int, default=None,
+                    help="calibration tokens of the e2e and block fits (default: --calib-tokens, as the per-site fit)")
     ap.add_argument("--e2e-steps", type=int, default=200)
     ap.add_argument("--e2e-lr", type=float, default=1e-2)
     ap.add_argument("--e2e-time", type=float, default=300.0, help="time budget of each e2e fit, seconds (see --budget-clock)")

@@ -78,6 +78,32 @@ def test_the_fit_restores_flags_and_modes_and_touches_nothing_else():
     assert all(torch.equal(orig_state[k], v) for k, v in original.state_dict().items())
 
 
+# units whose inputs are the previous unit's output: Llama's second layer and final norm; BERT's
+# first layer (the embedding norm's output, dropout off) and second; Whisper's second encoder
+# layer, encoder norm, second decoder layer and decoder norm
+CARRIED = {"llama": 2, "bert": 2, "whisper": 4}
+
+
+@pytest.mark.parametrize("name", sorted(CARRIED))
+def test_carried_inputs_give_the_fit_a_forward_pass_per_batch_gives(name, monkeypatch):
+    import normswap.blockfit as blockfit
+    from normswap.samples import model_inputs
+
+    original = tiny_model(name)
+    model, _ = convert_model(copy.deepcopy(original), "dyt", calib_tokens=512, fold=False, alpha_init=0.5)
+    batches = model_inputs(model, n_tokens=512, what="calibration", batch_size=2)
+    assert len(batches) >= 2
+    again = copy.deepcopy(model)
+    carried = fit_blocks(model, original, batches, steps=8, progress=False)
+    monkeypatch.setattr(blockfit, "_carry", lambda *a: None)  # every unit's inputs from a forward pass on every batch
+    captured = fit_blocks(again, original, batches, steps=8, progress=False)
+    assert carried["carried_units"] == CARRIED[name] and captured["carried_units"] == 0
+    assert not carried["reverted"] and carried["loss_after"] < carried["loss_before"]
+    a, b = model.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert carried["per_unit"] == captured["per_unit"]
+
+
 def test_block_fitted_values_fold_and_load_back(tmp_path):
     kw = dict(calib_tokens=256, calibrate="block", e2e_steps=10, tied_head="untie")
     model, result = convert_model(tiny_model("gpt2"), "dyt", **kw)
