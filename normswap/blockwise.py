@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from normswap.archs.trace import is_linear
+from normswap.archs.trace import is_conv1d, is_linear
 from normswap.modules import CenteredEmbedding
 
 # a resident module holding fewer bytes than this keeps its parameters in the compute dtype for
@@ -203,7 +203,7 @@ def _by_output_slices(linear: nn.Module, compute: torch.dtype, slice_bytes: int 
     head is 262 MB in float32. Each output is the same dot product as with the whole weight cast
     (on the CPUs tried, the same bits). A weight already in `compute` runs the module's own forward."""
     own = linear.forward
-    conv1d = type(linear).__name__ == "Conv1D"
+    conv1d = is_conv1d(linear)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         w, b = linear.weight, linear.bias
@@ -324,7 +324,7 @@ class LazyWeights:
         if type(mod) in _LOOKUPS:  # a lookup, then the cast: the same values as a cast table, without one
             self._forwards.append((mod, mod.__dict__.get("forward")))
             mod.forward = _lookup_then_cast(mod, self.compute)
-        elif type(mod) is nn.Linear or type(mod).__name__ == "Conv1D":  # a slice of the weight cast at a time
+        elif type(mod) is nn.Linear or is_conv1d(mod):  # a slice of the weight cast at a time
             self._forwards.append((mod, mod.__dict__.get("forward")))
             mod.forward = _by_output_slices(mod, self.compute)
         else:  # cast to the compute dtype while the module runs

@@ -595,6 +595,7 @@ def _verify(config, cls, converted: nn.Module, compute: "_Computer", folder: Pat
 
 def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _Plan, fold_blocker, drop_mean=False) -> None:
     """The in-memory `_convert_sites` decisions for calibration-free targets, applied to the meta model."""
+    from normswap.archs.trace import is_conv1d
     from normswap.conversion import keeps_mean, rmsnorm_verdict
     from normswap.modules import DyT, RMSNorm
     from normswap.record import SiteRecord
@@ -617,7 +618,7 @@ def _plan_sites(model, plan, sites, to, centre, alpha_init, fold, record, sp: _P
             if blocker is None:
                 for r in site.readers:
                     mod = get_module(model, r)
-                    if type(mod).__name__ == "Conv1D":
+                    if is_conv1d(mod):
                         sp.conv1d.add(r)
                     sp.folds.setdefault(r, []).append(site.path)
                     if b and mod.bias is None:

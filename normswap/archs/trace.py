@@ -47,6 +47,12 @@ def is_linear(module: nn.Module) -> bool:
     return is_linear_class(type(module))
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored [in, out] (y = x @ W + b), the
+    transpose of nn.Linear's. Matched by name: transformers defines it in more than one module."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_writer_module(module: nn.Module) -> bool:
     return is_writer_class(type(module))
 

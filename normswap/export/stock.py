@@ -233,7 +233,9 @@ def _neutral_gain(mod: nn.Module, site: SiteRecord) -> float | None:
 def _reader_matrix(mod: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """A reader's weight as [out, in] in float64 (GPT-2's Conv1D stores [in, out])."""
     w = weight.double()
-    return w.t() if type(mod).__name__ == "Conv1D" else w
+    from normswap.archs.trace import is_conv1d
+
+    return w.t() if is_conv1d(mod) else w
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normswap.archs.trace import is_conv1d
 from normswap.surgery.paths import get_module
 
 # float64 temporaries are bounded to about this many elements per block (rows are never split)
@@ -41,7 +42,7 @@ def writer_dims(target: nn.Module | nn.Parameter) -> dict[str, int]:
     kind = type(target).__name__
     if isinstance(target, nn.Linear):
         dims = {"weight": 0}
-    elif kind == "Conv1D" or isinstance(target, nn.Embedding):
+    elif is_conv1d(target) or isinstance(target, nn.Embedding):
         dims = {"weight": -1}
     elif isinstance(target, (nn.Conv1d, nn.Conv2d)):
         dims = {"weight": 0}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normswap.archs.trace import is_conv1d
 from normswap.surgery.centre import row_blocks
 
 
@@ -50,7 +51,7 @@ def fold_tensors(weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tenso
 @torch.no_grad()
 def fold_into_reader(reader: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Absorb `weight` (g) and `bias` (b) into `reader`; return True if a bias had to be created."""
-    conv1d = type(reader).__name__ == "Conv1D"  # weight [in, out], y = z @ W + c
+    conv1d = is_conv1d(reader)  # weight [in, out], y = z @ W + c
     old_bias = reader.bias
     _, new_bias = fold_tensors(reader.weight.data, None if old_bias is None else old_bias.data, weight, bias, conv1d)
     created = False
