@@ -203,7 +203,8 @@ def fit_blocks(model: nn.Module, original: nn.Module, batches: list[dict[str, to
             bar = Progress(len(units) * steps, "block calibration", None, unit="steps")
             bar.restart()
         gen = torch.Generator().manual_seed(seed)
-        prev: list[tuple[tuple, dict[str, Any]]] | None = None  # the previous unit's inputs and outputs, per batch
+        # the previous unit's inputs and (fitted) outputs, per batch: what `_carry` builds on
+        prev: list[tuple[tuple, dict[str, Any]]] | None = None
         prev_outs: list[torch.Tensor] | None = None
         carried = 0
         for u, unit in enumerate(units):
