@@ -286,7 +286,8 @@ def report(out_dir: Path) -> str:
             losses = ([f"block {blk['loss_before']:.3g} -> {blk['loss_after']:.3g} ({blk['units']} units x {blk['steps_per_unit']})"]
                       if blk else []) + ([f"{e['loss_before']:.4g} -> {e['loss_after']:.4g}" + (" (reverted: it rose)" if e.get("reverted") else "")] if e else [])
             loss = "; ".join(losses)
-            steps = f"{e['steps']} ({e['stopped']}, lr {e['lr']:g}, {e['objective']})" if e else ""
+            on = f", {r['e2e_tokens']:,} tokens" if r.get("e2e_tokens") else ""
+            steps = f"{e['steps']} ({e['stopped']}, lr {e['lr']:g}, {e['objective']}{on})" if e else ""
             shown = "undefined (degenerate embeddings)" if m is None else f"{m:.4g}"
             lines.append(f"| `{row}` | {shown} | {secs} | {r['calibration_s']:.0f} | {steps} | {loss} | "
                          f"{r['load_before'][0] if r.get('load_before') else ''} |")
