@@ -23,11 +23,11 @@ from torch import nn
 
 from normswap.archs.plan import ModelPlan, Site, build_plan
 from normswap.blockfit import BLOCK_STEPS
-from normswap.calibration import capture as _capture, dyt_error, fit_dyt, fit_in_forward, one_batch
+from normswap.calibration import capture as _capture, dyt_error, fit_dyt, fit_elementwise, fit_in_forward, one_batch
 from normswap.devices import device_name
 from normswap.errors import NormswapError
 from normswap.log import logger
-from normswap.modules import DyT, FixedNorm, RMSNorm, center_input
+from normswap.modules import VARIANTS, DyT, ElementwiseNorm, FixedNorm, RMSNorm, center_input, new_variant
 from normswap.record import ConversionRecord, SiteRecord
 from normswap.audio import subset_names
 from normswap.samples import AUDIO_OPTIONS, is_speech, model_inputs
@@ -45,6 +45,8 @@ TIED_HEAD_CHOICES = ("auto", "center-embed", "untie")
 # each block's norms to the original block's output, one block at a time (normswap.blockfit).
 # Nothing but the norms' parameters moves.
 CALIBRATIONS = ("site", "e2e", "block")
+# `--variant`: the elementwise function a DyT conversion fits at each site ("dyt": tanh, scalar alpha)
+VARIANT_CHOICES = ("dyt", *VARIANTS)
 # Output dtypes (`--dtype`); "auto" (the default) is the source checkpoint's own floating dtype.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -103,7 +105,7 @@ class ConversionResult:
 
 def check_options(to: str, *, tied_head: str = "auto", dtype: Any = "auto", alpha_init: float | None = None,
                   calib_tokens: int | None = None, calibrate: str = "site", e2e_steps: int | None = None,
-                  e2e_seconds: float | None = None) -> None:
+                  e2e_seconds: float | None = None, variant: str = "dyt") -> None:
     """The conversion settings that can be wrong before anything is loaded: one line each."""
     import math
 
@@ -125,6 +127,12 @@ def check_options(to: str, *, tied_head: str = "auto", dtype: Any = "auto", alph
         raise NormswapError(f"--e2e-steps must be positive, got {e2e_steps}")
     if e2e_seconds is not None and not (math.isfinite(e2e_seconds) and e2e_seconds > 0):
         raise NormswapError(f"--e2e-seconds must be a positive number, got {e2e_seconds}")
+    if variant not in VARIANT_CHOICES:
+        raise NormswapError(f"unknown --variant {variant!r}: choose one of {', '.join(VARIANT_CHOICES)}")
+    if variant != "dyt" and to != "dyt":
+        raise NormswapError(f"--variant {variant} is an elementwise stand-in for a norm: it goes with --to dyt")
+    if variant != "dyt" and alpha_init is not None:
+        raise NormswapError(f"--alpha-init sets DyT's constant alpha; --variant {variant} is fitted by least squares: give one of them")
 
 
 def convert_model(
@@ -153,6 +161,7 @@ def convert_model(
     e2e_steps: int | None = None,
     e2e_seconds: float | None = None,
     device: Any = "auto",
+    variant: str = "dyt",
 ) -> tuple[nn.Module, ConversionResult]:
     """Convert every norm of `model` (a loaded model, a local folder or a Hub id) to `to`.
 
@@ -173,6 +182,11 @@ def convert_model(
     `e2e_seconds` if given. `calibrate="block"` follows it instead with block-local fits
     (`normswap.blockfit.fit_blocks`): `e2e_steps` steps per block (default `BLOCK_STEPS`), all
     within `e2e_seconds` if given. Nothing but the norms' parameters changes.
+
+    `variant` (with `to="dyt"`) picks the elementwise function each site is fitted with, by the
+    same least squares: "dyt" (g * tanh(alpha x) + b), or a key of `normswap.modules.VARIANTS`
+    ("dyisru": g * u / sqrt(1 + u^2) with u = alpha x, the best measured start on SmolLM2;
+    per-channel alphas; Derf's erf). The record names each site's variant, so it loads back.
 
     `device` is where the model runs for calibration and verification ("auto": the first
     accelerator, else the CPU; `normswap.devices`); the surgery's float64 maths runs on whichever
@@ -204,7 +218,7 @@ def convert_model(
 
     t0 = time.perf_counter()
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens, calibrate=calibrate,
-                  e2e_steps=e2e_steps, e2e_seconds=e2e_seconds)
+                  e2e_steps=e2e_steps, e2e_seconds=e2e_seconds, variant=variant)
     device = resolve_device(device)
     calib_audio_subsets = subset_names(calib_audio_subsets, "--calib-audio-subsets")
     if calib_text is not None and not calib_text.strip():
@@ -285,12 +299,13 @@ def convert_model(
                                else calib_batches)
                 e2e = {"mode": calibrate, "original": original, "batches": fit_batches, "seconds": e2e_seconds,
                        "steps": e2e_steps or (E2E_STEPS if calibrate == "e2e" else BLOCK_STEPS)}
-            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean, e2e)
+            _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean, e2e,
+                           variant)
     cast_floats(model, out_dtype)
     model.config.dtype = out_dtype
     for s in record.sites:  # the values as saved
         if s.alpha is not None:
-            s.alpha = float(get_module(model, s.path).alpha.detach())
+            s.alpha = float(get_module(model, s.path).alpha.detach())  # a scalar alpha (per-channel ones: the weights file)
         if s.type == "none":  # an unfolded fixed scale, as rounded to the output dtype
             s.scale = float(get_module(model, s.path).scale.detach())
     record.exact = to == "rmsnorm" and bool(record.sites) and all(s.exact for s in record.sites)
@@ -657,7 +672,7 @@ def _fold_blocker(site: Site, plan: ModelPlan, model: nn.Module, tied_mode: str 
 
 
 def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, alpha_init, fold, record, result, drop_mean=False,
-                   e2e: dict[str, Any] | None = None) -> None:
+                   e2e: dict[str, Any] | None = None, variant: str = "dyt") -> None:
     """Swap every site's norm for its replacement (calibrated on `calib_batches` where the target
     is approximate), fit them end to end if asked (`e2e`), then fold the affines into the readers
     where that is exact. Folding is exact, so the later sites of a sequential calibration see the
@@ -679,7 +694,7 @@ def _convert_sites(model, plan, sites, to, centre, calib_batches, sequential, al
         g, b = _affine(old, site)
         center = keeps_mean(plan, site, drop_mean) if to == "rmsnorm" else to == "none" and _uncentred(site)
         y = targets_y[site.path] if targets_y is not None else None
-        new, method = _replacement(site, to, g, b, center, x, y, alpha_init, sequential, result)
+        new, method = _replacement(site, to, g, b, center, x, y, alpha_init, sequential, result, variant)
         ref = next(old.parameters(), None)
         # the affine as built (float32, holding the source's values exactly, Gemma's 1 + w too):
         # folding rounds its float64 product once, to the reader's dtype, as the streaming path does
@@ -759,7 +774,8 @@ def _uncentred(site: Site) -> bool:
     return site.kind == "layernorm" and not site.centred
 
 
-def _replacement(site: Site, to: str, g, b, center: bool, x, y, alpha_init, sequential, result) -> tuple[nn.Module, str]:
+def _replacement(site: Site, to: str, g, b, center: bool, x, y, alpha_init, sequential, result,
+                 variant: str = "dyt") -> tuple[nn.Module, str]:
     """The new module for one site, with its values (unfolded), and how they were obtained."""
     dim = site.dim
     if to == "rmsnorm":
@@ -788,12 +804,23 @@ def _replacement(site: Site, to: str, g, b, center: bool, x, y, alpha_init, sequ
         new.weight.data.copy_(g0)
         new.bias.data.copy_(b0)
         return new, "alpha-init"
+    method = "calibrated-sequential" if sequential else "calibrated"
+    if variant != "dyt":  # another elementwise function, fitted the same way (normswap.modules.VARIANTS)
+        fn, per_channel = VARIANTS[variant]
+        fit = fit_elementwise(x, y, fn=fn, per_channel=per_channel)
+        new = new_variant(variant, dim, recenter=site.recenter)
+        with torch.no_grad():
+            new.alpha.copy_(fit.alpha)
+            new.weight.copy_(fit.weight)
+            new.bias.copy_(fit.bias)
+        result.calibration[site.path] = {"rel_error": fit.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
+        return new, method
     fitted = fit_dyt(x, y)
     new.alpha.data.fill_(fitted.alpha)
     new.weight.data.copy_(fitted.weight)
     new.bias.data.copy_(fitted.bias)
     result.calibration[site.path] = {"rel_error": fitted.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
-    return new, "calibrated-sequential" if sequential else "calibrated"
+    return new, method
 
 
 def average_rms(x: torch.Tensor, eps: float, *, center: bool) -> float:
@@ -850,9 +877,9 @@ def _fold_site(model, plan, site: Site, new: nn.Module, method: str, center: boo
             record.unfolded[site.path] = blocker
     if to == "rmsnorm":
         exact, method = rmsnorm_verdict(site, folded, center)
-    alpha = float(new.alpha) if isinstance(new, DyT) else None
+    alpha = float(new.alpha) if isinstance(new, (DyT, ElementwiseNorm)) and new.alpha.dim() == 0 else None
     scale = float(built_scale) if to == "none" else None
-    kind = "identity" if isinstance(new, nn.Identity) else to
+    kind = "identity" if isinstance(new, nn.Identity) else new.variant if isinstance(new, ElementwiseNorm) else to
     record.sites.append(SiteRecord(
         path=site.path, placement=site.placement, type=kind, dim=site.dim, eps=site.eps if to == "rmsnorm" else None,
         weight=getattr(new, "weight", None) is not None, bias=getattr(new, "bias", None) is not None, recenter=site.recenter,

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.modules import center_input, centre_lookups, new_norm
+from normswap.modules import VARIANTS, center_input, centre_lookups, new_norm
 from normswap.surgery.paths import get_module, set_module
 
 
-TYPES = ("rmsnorm", "dyt", "none", "identity")  # what `normswap.modules.new_norm` builds
+TYPES = ("rmsnorm", "dyt", "none", "identity", *VARIANTS)  # what `normswap.modules.new_norm` builds
 TARGETS = ("rmsnorm", "dyt", "none")
 STYLES = ("pre", "post", "unknown")
 PLACEMENTS = ("pre", "post", "final", "embed", "head", "unknown")
@@ -36,7 +36,7 @@ class SiteRecord:
 
     path: str
     placement: str
-    type: str  # "rmsnorm" | "dyt" | "none" (a fixed scale) | "identity" (a folded fixed scale: nothing left)
+    type: str  # "rmsnorm" | "dyt" | "none" (a fixed scale) | "identity" (a folded fixed scale: nothing left) | a DyT variant (VARIANTS)
     dim: int
     eps: float | None
     weight: bool

@@ -211,7 +211,8 @@ class NotStreamable(NormswapError):
     """The conversion would be approximate: streaming cannot run the model to measure it."""
 
 
-def streamable(to: str, alpha_init: float | None = None, approximate_ok: bool = False, calibrate: str = "site") -> str | None:
+def streamable(to: str, alpha_init: float | None = None, approximate_ok: bool = False, calibrate: str = "site",
+               variant: str = "dyt") -> str | None:
     """Why a conversion cannot stream (None if it can).
 
     Streaming runs the model one block at a time (`normswap.blockwise`): DyT is calibrated that
@@ -222,6 +223,8 @@ def streamable(to: str, alpha_init: float | None = None, approximate_ok: bool = 
         return "--to none is calibrated on a centred stream, which the streaming path does not run yet"
     if calibrate != "site":
         return f"--calibrate {calibrate} fits the norms against the original model, which needs both models in memory"
+    if variant != "dyt":
+        return f"--variant {variant}: the block-wise path fits DyT only"
     return None
 
 

@@ -28,6 +28,7 @@ def convert_cmd(
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for DyT (speech: one utterance per 256, at most 32)."),
     sequential: bool = typer.Option(True, "--sequential/--parallel", help="Calibrate each DyT site on the already converted prefix's output (sequential) or all on the original's (parallel)."),
     alpha_init: Optional[float] = typer.Option(None, "--alpha-init", help="Constant DyT alpha (the DyT paper's init) instead of calibration; keeps the norm's affine."),
+    variant: str = typer.Option("dyt", "--variant", help="--to dyt: the elementwise function fitted at each site: dyt (w * tanh(alpha x) + b), dyisru (w * u / sqrt(1 + u^2) + b, u = alpha x: the best measured start on a Llama), dyt-channel / dyisru-channel (an alpha per channel), derf / derf-channel (erf, with a shift)."),
     calibrate: str = typer.Option("site", "--calibrate", help="DyT and none: site (each norm fitted to the original's output at that site, by least squares), e2e (then every norm parameter fitted at once against the original model's output: KL on logits, hidden states for encoders) or block (then each block's norms fitted to the original block's output, one block at a time). e2e and block take minutes on a CPU; nothing but the norms changes."),
     e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="--calibrate e2e: Adam steps at most [default: 200]; --calibrate block: steps per block [default: 20]."),
     e2e_seconds: Optional[float] = typer.Option(None, "--e2e-seconds", help="--calibrate e2e or block: stop after this many seconds (the schedule follows whichever runs out first)."),
@@ -57,7 +58,7 @@ def convert_cmd(
     from normswap.archs.plan import check_plan_source
 
     check_options(to, tied_head=tied_head, dtype=dtype, alpha_init=alpha_init, calib_tokens=calib_tokens, calibrate=calibrate,
-                  e2e_steps=e2e_steps, e2e_seconds=e2e_seconds)
+                  e2e_steps=e2e_steps, e2e_seconds=e2e_seconds, variant=variant)
     check_plan_source(plan)
     from normswap.devices import check_device
 
@@ -68,7 +69,7 @@ def convert_cmd(
     calib = read_text(calib_text) if calib_text is not None else None
     vtext = read_text(verify_text) if verify_text is not None else None
     stream = plan != "discover" and _use_streaming(model, to, alpha_init, low_memory, calibrate, sequential, calib_audio, revision,
-                                                   trust_remote_code)
+                                                   trust_remote_code, variant)
     logger.info("converting %s -> %s%s", model, to, " (streaming, low memory)" if stream else "")
     result = None
     if stream:
@@ -88,7 +89,7 @@ def convert_cmd(
             model, to, fold=fold, tied_head=tied_head, calib_text=calib, calib_tokens=calib_tokens, sequential=sequential,
             alpha_init=alpha_init, verify=verify, verify_text=vtext, revision=revision, trust_remote_code=trust_remote_code,
             dtype=dtype, drop_mean=drop_mean, calib_audio=calib_audio, verify_audio=verify_audio, plan=plan,
-            calibrate=calibrate, e2e_steps=e2e_steps, e2e_seconds=e2e_seconds, device=device,
+            calibrate=calibrate, e2e_steps=e2e_steps, e2e_seconds=e2e_seconds, device=device, variant=variant,
             calib_audio_subsets=subset_names(calib_audio_subsets, "--calib-audio-subsets"),
         )
         converted.to("cpu")  # saved from host memory, whichever device it ran on
@@ -111,13 +112,13 @@ def convert_cmd(
 
 
 def _use_streaming(model: str, to: str, alpha_init: Optional[float], low_memory: bool, calibrate: str, sequential: bool,
-                   calib_audio: Optional[Path], revision: Optional[str], trust_remote_code: bool) -> bool:
+                   calib_audio: Optional[Path], revision: Optional[str], trust_remote_code: bool, variant: str = "dyt") -> bool:
     """--low-memory, or automatically: a local checkpoint over half the available memory whose
     conversion runs block by block (`normswap.streaming.streamable`)."""
     from normswap.log import logger
     from normswap.streaming import available_memory, checkpoint_bytes, streamable
 
-    why = streamable(to, alpha_init, calibrate=calibrate)
+    why = streamable(to, alpha_init, calibrate=calibrate, variant=variant)
     if why is None and not sequential and to == "dyt" and alpha_init is None:
         why = "block-wise calibration is sequential (each site on the converted prefix's inputs): drop --parallel"
     if why is None and calib_audio is not None:

@@ -112,6 +112,34 @@ class FixedNorm(_AffineNorm):
         return self._affine(x / self.scale.to(x.dtype))
 
 
+class ElementwiseNorm(_AffineNorm):
+    """DyT's relatives: y = w * f(alpha * x [+ s]) + b, f tanh, isru (u / sqrt(1 + u^2)) or erf (with
+    a shift s); alpha (and s) a scalar or one per channel."""
+
+    def __init__(self, dim: int, fn: str = "tanh", alpha: float = 0.5, per_channel: bool = False, weight: bool = True,
+                 bias: bool = True, recenter: bool = False):
+        super().__init__(dim, weight, bias, recenter)
+        self.fn, self.per_channel = fn, bool(per_channel)
+        shape = (dim,) if per_channel else ()
+        self.alpha = nn.Parameter(torch.full(shape, float(alpha)))
+        self.shift = nn.Parameter(torch.zeros(shape)) if fn == "erf" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.alpha.to(x.dtype) * x
+        if self.fn == "tanh":
+            y = torch.tanh(u)
+        elif self.fn == "isru":
+            y = u * torch.rsqrt(1 + u * u)
+        else:
+            y = torch.erf(u + self.shift.to(x.dtype))
+        return self._affine(y)
+
+
+# site type -> (function, per-channel alpha), as config.json's "normswap" section names them
+VARIANTS = {"dyt-channel": ("tanh", True), "dyisru": ("isru", False), "dyisru-channel": ("isru", True), "derf": ("erf", False),
+            "derf-channel": ("erf", True)}
+
+
 class CenteredEmbedding(nn.Embedding):
     """Embedding lookups with their mean over the hidden dimension removed (a tied embedding)."""
 
@@ -144,6 +172,10 @@ def new_norm(spec: dict) -> nn.Module:
     if spec["type"] == "none":
         return FixedNorm(spec["dim"], weight=spec["weight"], bias=spec["bias"], recenter=spec.get("recenter", False),
                          center=spec.get("center", False))
+    if spec["type"] in VARIANTS:
+        fn, per_channel = VARIANTS[spec["type"]]
+        return ElementwiseNorm(spec["dim"], fn, per_channel=per_channel, weight=spec["weight"], bias=spec["bias"],
+                               recenter=spec.get("recenter", False))
     if spec["type"] == "identity":
         return nn.Identity()
     raise ValueError(f"unknown norm type {spec['type']!r}")

@@ -267,7 +267,8 @@ def _convert(job: Job, out: Path, info_file: Path) -> dict[str, Any]:
         sequential=c.sequential, alpha_init=c.alpha_init, verify=c.verify,
         verify_text=read_text(c.verify_text) if c.verify_text else None, revision=c.revision,
         trust_remote_code=c.trust_remote_code, dtype=c.dtype, calib_audio=c.calib_audio, verify_audio=c.verify_audio,
-        calib_audio_subsets=c.calib_audio_subsets, **extra,
+        calib_audio_subsets=c.calib_audio_subsets, variant=c.variant, calibrate=c.calibrate, e2e_steps=c.e2e_steps,
+        e2e_seconds=c.e2e_seconds, **extra,
     )
     model.to("cpu")  # saved from host memory, whichever device it ran on ("auto" may have picked an accelerator)
     save(model, out, result.record, tokenizer=result.tokenizer, copy_from=job.model if Path(job.model).is_dir() else None,

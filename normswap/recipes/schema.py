@@ -109,6 +109,10 @@ class ConvertStage(_Placed):
     calib_tokens: int = Field(4096, gt=0)
     sequential: bool = True
     alpha_init: Optional[float] = None
+    variant: str = "dyt"  # --to dyt: the elementwise function fitted (normswap.conversion.VARIANT_CHOICES)
+    calibrate: Literal["site", "e2e", "block"] = "site"
+    e2e_steps: Optional[int] = Field(None, gt=0)
+    e2e_seconds: Optional[float] = Field(None, gt=0)
     verify: bool = True
     verify_text: Optional[str] = None
     verify_audio: Optional[str] = None

@@ -14,16 +14,18 @@ from torch import nn
 from normswap.archs.plan import is_linear
 from normswap.archs.plan import is_norm as is_source_norm
 from normswap.errors import NormswapError
-from normswap.modules import DyT
+from normswap.modules import DyT, ElementwiseNorm
 
 TRAIN_MODES = ("all", "norms", "norms+readers")
 
 
 def is_norm(module: nn.Module) -> bool:
     """A normalisation layer: the norms conversion starts from (`archs.plan.is_norm`, which covers
-    normswap's RMSNorm too), DyT, training's FadeNorm, and custom *LayerNorm classes."""
+    normswap's RMSNorm too), DyT and its variants (`--variant`), training's FadeNorm, and custom
+    *LayerNorm classes."""
     name = type(module).__name__
-    return is_source_norm(module) or isinstance(module, DyT) or name.endswith("LayerNorm") or name == "FadeNorm"
+    return (is_source_norm(module) or isinstance(module, (DyT, ElementwiseNorm)) or name.endswith("LayerNorm")
+            or name == "FadeNorm")
 
 
 def norm_paths(model: nn.Module) -> list[str]:
