@@ -143,3 +143,17 @@ def test_whisper_recipe_runs_convert_distil_and_wer_on_a_tiny_whisper(tmp_path):
     assert group["wer"] == pytest.approx(sum(p["errors"] for p in parts) / sum(p["words"] for p in parts))
     report = (tmp_path / "runs" / "whisper-tiny-dyt" / "report.md").read_text()
     assert "s of audio" in report and "test-clean+dev-clean" in report
+
+
+def test_a_convert_stage_takes_the_variant_and_the_norm_fit(tmp_path, standin_path):
+    from normswap.loading import read_record
+
+    recipe_file = tmp_path / "v.yaml"
+    recipe_file.write_text(f"model: {standin_path}\nconvert:\n  to: dyt\n  variant: dyisru\n  calibrate: block\n  e2e_steps: 2\n"
+                           "  calib_tokens: 256\n  verify: false\n")
+    run_recipe(load_recipe(recipe_file), output_dir=tmp_path)
+    info = json.loads(next((tmp_path / "v" / "v").rglob("convert.json")).read_text())
+    assert {s["new_type"] for s in info["sites"]} == {"dyisru"}
+    assert info["end_to_end"]["mode"] == "block" and info["end_to_end"]["steps_per_unit"] == 2
+    model_dir = next(p.parent for p in (tmp_path / "v" / "v").rglob("config.json"))
+    assert {s.type for s in read_record(model_dir)[0].sites} == {"dyisru"}
