@@ -393,6 +393,28 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def fitted_variant(variant: str, x: torch.Tensor, y: torch.Tensor, dim: int, *, recenter: bool = False, **fit_kwargs) -> tuple[nn.Module, Any]:
+    """A new norm of `variant` ("dyt": DyT; or a key of normswap.modules.VARIANTS) whose alpha,
+    weight and bias are the least-squares fit of y ~ w * f(alpha x) + b on a site's inputs `x` and
+    the original norm's outputs `y`; with the fit (its `rel_error`)."""
+    from normswap.modules import VARIANTS, DyT, new_variant
+
+    if variant == "dyt":
+        fit = fit_dyt(x, y, **fit_kwargs)
+        new: nn.Module = DyT(dim, fit.alpha, recenter=recenter)
+        alpha = torch.tensor(fit.alpha)
+    else:
+        fn, per_channel = VARIANTS[variant]
+        fit = fit_elementwise(x, y, fn=fn, per_channel=per_channel, **fit_kwargs)
+        new = new_variant(variant, dim, recenter=recenter)
+        alpha = fit.alpha
+    with torch.no_grad():
+        new.alpha.copy_(alpha)
+        new.weight.copy_(fit.weight)
+        new.bias.copy_(fit.bias)
+    return new, fit
+
+
 def calibrate_variant(model: nn.Module, original: nn.Module, batches: list[dict[str, torch.Tensor]], variant: str, *,
                       sequential: bool = True, paths: list[str] | None = None, **fit_kwargs) -> dict[str, dict[str, float]]:
     """Replace each elementwise site of a converted, unfolded `model` (its DyT modules, or `paths`)
@@ -405,7 +427,7 @@ def calibrate_variant(model: nn.Module, original: nn.Module, batches: list[dict[
     keeps the paths; centring a Pre-LN stream leaves a LayerNorm's output unchanged).
     Returns {path: {"rel_error": ...}}. Each site keeps its `recenter`.
     """
-    from normswap.modules import VARIANTS, DyT, new_variant
+    from normswap.modules import VARIANTS
     from normswap.surgery.paths import get_module, set_module
 
     if variant != "dyt" and variant not in VARIANTS:
@@ -419,19 +441,7 @@ def calibrate_variant(model: nn.Module, original: nn.Module, batches: list[dict[
         x = capture(model, [path], batches, "input")[path] if sequential else inputs[path]
         y = targets[path]
         ref = next(old.parameters())
-        if variant == "dyt":
-            fit = fit_dyt(x, y, **fit_kwargs)
-            new: nn.Module = DyT(old.dim, fit.alpha, recenter=old.recenter)
-            alpha = torch.tensor(fit.alpha)
-        else:
-            fn, per_channel = VARIANTS[variant]
-            fit = fit_elementwise(x, y, fn=fn, per_channel=per_channel, **fit_kwargs)
-            new = new_variant(variant, old.dim, recenter=old.recenter)
-            alpha = fit.alpha
-        with torch.no_grad():
-            new.alpha.copy_(alpha)
-            new.weight.copy_(fit.weight)
-            new.bias.copy_(fit.bias)
+        new, fit = fitted_variant(variant, x, y, old.dim, recenter=old.recenter, **fit_kwargs)
         set_module(model, path, new.to(dtype=ref.dtype, device=ref.device))
         report[path] = {"rel_error": fit.rel_error}
     return report

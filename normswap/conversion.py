@@ -23,11 +23,11 @@ from torch import nn
 
 from normswap.archs.plan import ModelPlan, Site, build_plan
 from normswap.blockfit import BLOCK_STEPS
-from normswap.calibration import capture as _capture, dyt_error, fit_dyt, fit_elementwise, fit_in_forward, one_batch
+from normswap.calibration import capture as _capture, dyt_error, fit_in_forward, fitted_variant, one_batch
 from normswap.devices import device_name
 from normswap.errors import NormswapError
 from normswap.log import logger
-from normswap.modules import VARIANTS, DyT, ElementwiseNorm, FixedNorm, RMSNorm, center_input, new_variant
+from normswap.modules import VARIANTS, DyT, ElementwiseNorm, FixedNorm, RMSNorm, center_input
 from normswap.record import ConversionRecord, SiteRecord
 from normswap.audio import subset_names
 from normswap.samples import AUDIO_OPTIONS, is_speech, model_inputs
@@ -804,23 +804,10 @@ def _replacement(site: Site, to: str, g, b, center: bool, x, y, alpha_init, sequ
         new.weight.data.copy_(g0)
         new.bias.data.copy_(b0)
         return new, "alpha-init"
-    method = "calibrated-sequential" if sequential else "calibrated"
-    if variant != "dyt":  # another elementwise function, fitted the same way (normswap.modules.VARIANTS)
-        fn, per_channel = VARIANTS[variant]
-        fit = fit_elementwise(x, y, fn=fn, per_channel=per_channel)
-        new = new_variant(variant, dim, recenter=site.recenter)
-        with torch.no_grad():
-            new.alpha.copy_(fit.alpha)
-            new.weight.copy_(fit.weight)
-            new.bias.copy_(fit.bias)
-        result.calibration[site.path] = {"rel_error": fit.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
-        return new, method
-    fitted = fit_dyt(x, y)
-    new.alpha.data.fill_(fitted.alpha)
-    new.weight.data.copy_(fitted.weight)
-    new.bias.data.copy_(fitted.bias)
-    result.calibration[site.path] = {"rel_error": fitted.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
-    return new, method
+    # DyT, or the elementwise `variant` (normswap.modules.VARIANTS), fitted by least squares
+    new, fit = fitted_variant(variant, x, y, dim, recenter=site.recenter)
+    result.calibration[site.path] = {"rel_error": fit.rel_error, "rel_error_alpha_0.5": dyt_error(0.5, g0, b0, x, y)}
+    return new, "calibrated-sequential" if sequential else "calibrated"
 
 
 def average_rms(x: torch.Tensor, eps: float, *, center: bool) -> float:

@@ -212,7 +212,9 @@ def _body(record: ConversionRecord, cfg: dict[str, Any], repo_id: str | None, so
         f"{folded} with their affine folded into the linears that read them",
         f"- the conversion is {how}",
     ]
-    variants = sorted({s.type for s in record.sites} - {"rmsnorm", "dyt", "none", "identity"})
+    from normswap.modules import VARIANTS
+
+    variants = sorted({s.type for s in record.sites} & set(VARIANTS))
     if variants:  # DyT's relatives (`--variant`): the function each site computes
         lines.append(f"- elementwise function: {', '.join(variants)} (w * f(alpha x) + b with f in place of DyT's tanh; "
                      "config.json's normswap section names each site's)")

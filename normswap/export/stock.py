@@ -96,7 +96,9 @@ def record_blockers(record: ConversionRecord) -> list[str]:
     """The reasons found in the conversion record alone."""
     arch = record.architecture
     reasons = []
-    dyt = [s.path for s in record.sites if s.type not in ("rmsnorm", "none", "identity")]  # DyT and its variants
+    from normswap.modules import VARIANTS
+
+    dyt = [s.path for s in record.sites if s.type == "dyt" or s.type in VARIANTS]  # DyT and its variants (--variant)
     gone = [s.path for s in record.sites if s.type in ("identity", "none")]
     approx = [s.path for s in record.sites if s.type == "rmsnorm" and not s.exact]
     if dyt:
